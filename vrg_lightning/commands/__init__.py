@@ -1,0 +1,1 @@
+"""Sub-commands of the ``vrg`` command line (see :mod:`vrg_lightning.cli`)."""
