@@ -164,9 +164,9 @@ class ErrorProfile:
             raise ValueError("The MSE table has no row with 0 < alpha_bar < 1.")
         lam = alpha_bar_to_lambda(ab[keep])
         order = torch.argsort(lam)
-        lam, mk = lam[order], m[keep][order]
-        if bool((lam[1:] <= lam[:-1]).any()):
-            raise ValueError("The MSE table has repeated alpha_bar values; each row needs its own noise level.")
+        lam, inverse = torch.unique(lam[order], return_inverse=True)  # rows sharing an alpha_bar: one bin, mean MSE
+        rows = torch.zeros_like(lam).index_add_(0, inverse, torch.ones_like(inverse, dtype=torch.float64))
+        mk = torch.zeros_like(lam).index_add_(0, inverse, m[keep][order]) / rows
         mid = (lam[1:] + lam[:-1]) / 2
         inf = torch.tensor([math.inf], dtype=torch.float64)
         ones = torch.ones_like(lam)
