@@ -112,7 +112,7 @@ class ErrorProfile:
         >>> g = torch.Generator().manual_seed(0)
         >>> p.update(torch.full((4,), 0.0), 0.5 * torch.randn(4, 3, 8, 8, generator=g))
         >>> round(float(p.mse[p.count > 0][0]), 2)
-        0.25
+        0.26
     """
 
     lambda_edges: Tensor
@@ -189,7 +189,7 @@ class ErrorProfile:
         idx = self.bin_index(lam[ok])
         self.count.index_add_(0, idx, torch.ones_like(lam[ok]))
         self.lam_sum.index_add_(0, idx, lam[ok])
-        for k, v in zip(("n", "s1", "s2", "s3", "s4"), vals):
+        for k, v in zip(("n", "s1", "s2", "s3", "s4"), vals, strict=True):
             getattr(self, k).index_add_(0, idx, v[ok])
 
     def update(self, lam: Tensor, error: Tensor) -> None:

@@ -111,7 +111,7 @@ class NoiseSchedule:
         >>> s = NoiseSchedule()
         >>> round(float(s.t_to_alpha_bar(torch.tensor(0.0))), 6)
         0.9999
-        >>> round(float(s.alpha_bar_to_t(s.t_to_alpha_bar(torch.tensor(123.4)))), 6)
+        >>> round(float(s.alpha_bar_to_t(s.t_to_alpha_bar(torch.tensor(123.4, dtype=torch.float64)))), 6)
         123.4
     """
 

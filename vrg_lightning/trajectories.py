@@ -111,7 +111,7 @@ def make_trajectory(
     Example:
         >>> ab = make_trajectory(NoiseSchedule(), "time_quadratic", 10)
         >>> round(float(ab[0]), 8), round(float(ab[-1]), 8)
-        (0.99580753, 4.036e-05)
+        (0.99580757, 4.036e-05)
     """
     if base == "list":
         if values is None:
