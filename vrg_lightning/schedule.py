@@ -147,7 +147,9 @@ class NoiseSchedule:
         """
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         if get("trained_betas", None) is not None:
-            raise ValueError("Scheduler configs with explicit trained_betas are not supported; use a named beta_schedule.")
+            raise ValueError(
+                "Scheduler configs with explicit trained_betas are not supported; use a named beta_schedule."
+            )
         return cls(
             beta_schedule=str(get("beta_schedule", "linear")),
             num_train_timesteps=int(get("num_train_timesteps", 1000)),

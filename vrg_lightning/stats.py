@@ -46,7 +46,9 @@ def paired_difference(
         (-0.9, True)
     """
     if len(base) != len(candidate) or len(base) == 0:
-        raise ValueError(f"paired_difference needs equally long, non-empty lists; got {len(base)} and {len(candidate)}.")
+        raise ValueError(
+            f"paired_difference needs equally long, non-empty lists; got {len(base)} and {len(candidate)}."
+        )
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}.")
     diffs = [float(c) - float(b) for b, c in zip(base, candidate, strict=True)]
