@@ -1,0 +1,248 @@
+"""The ``checkpoint["vrg"]`` schema (docs/ARCHITECTURE.md), its version, and read/load helpers.
+
+Everything stored is plain tensors, numbers, strings, lists and dicts, so every reader here uses
+``torch.load(path, weights_only=True)``. A Lightning checkpoint of :class:`~vrg_lightning.module.DiffusionModule`
+carries ``vrg["model"]`` (the denoiser's architecture and where its weights sit in ``state_dict``); the
+:class:`~vrg_lightning.callbacks.VRGProfiler` callback (or ``vrg profile``) adds ``schedule``, ``profile`` and
+``entries``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .profile import ErrorProfile
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "VRG_KEY",
+    "VRG_FORMAT",
+    "VRG_VERSION",
+    "HOW_TO_CREATE",
+    "build_vrg_state",
+    "model_section",
+    "load_checkpoint_file",
+    "read_vrg",
+    "load_denoiser",
+    "find_entry",
+    "describe_entry",
+    "check_same_schedule",
+]
+
+VRG_KEY = "vrg"
+VRG_FORMAT = "vrg-lightning"
+VRG_VERSION = 1
+HOW_TO_CREATE = (
+    "train with the VRGProfiler callback (e.g. `python train.py fit --config configs/digits.yaml`) "
+    "or measure a trained model with `vrg profile --ckpt CKPT --data digits --out NEW.ckpt`"
+)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_vrg_state(
+    schedule: NoiseSchedule,
+    profile: ErrorProfile,
+    entries: Sequence[Mapping[str, Any]],
+    *,
+    prediction_type: str = "epsilon",
+    model: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble ``checkpoint["vrg"]`` (version :data:`VRG_VERSION`).
+
+    Args:
+        schedule: the model's training noise schedule.
+        profile: the measured error profile (stored as ``ErrorProfile.to_dict()``).
+        entries: optimized trajectories, one dict per (solver, steps, base, objective, lp); see the schema.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (stored inside ``schedule``).
+        model: the ``model`` section (:func:`model_section`), if the file holds weights.
+        extra: further keys (e.g. ``{"profiler": {...}}`` settings), stored as given.
+    """
+    from . import __version__
+
+    state: dict[str, Any] = {
+        "format": VRG_FORMAT,
+        "version": VRG_VERSION,
+        "schedule": dict(schedule.to_dict(), prediction_type=prediction_type),
+        "profile": profile.to_dict(),
+        "entries": [dict(e) for e in entries],
+        "created": _now(),
+        "toolkit_version": __version__,
+    }
+    if model is not None:
+        state["model"] = dict(model)
+    if extra:
+        state.update(dict(extra))
+    return state
+
+
+def model_section(denoiser_config: Mapping[str, Any], weights: str = "model.",
+                  ema_weights: str | None = "ema.module.") -> dict[str, Any]:
+    """``vrg["model"]``: the denoiser config and the ``state_dict`` key prefixes of its raw and EMA weights."""
+    return {"denoiser": dict(denoiser_config), "weights": weights, "ema_weights": ema_weights}
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with clear errors for missing, corrupt or truncated files."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(p)!r} does not exist.")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling/zip failure means the same thing to the user
+        raise ValueError(
+            f"Could not read {str(p)!r} as a checkpoint (corrupt, truncated, or not a torch file): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(p)!r} holds a {type(obj).__name__}, not a checkpoint dict.")
+    return obj
+
+
+def _vrg_of(obj: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any] | None:
+    if isinstance(obj, (str, os.PathLike)):
+        obj = load_checkpoint_file(obj)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"Expected a checkpoint dict or path; got {type(obj).__name__}.")
+    if obj.get("format") == VRG_FORMAT:
+        return obj
+    vrg = obj.get(VRG_KEY)
+    return vrg if isinstance(vrg, Mapping) else None
+
+
+def read_vrg(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Return the validated ``vrg`` section of a checkpoint (path, checkpoint dict or the section itself).
+
+    Raises:
+        ValueError: no ``vrg`` section, no profile/entries yet, unknown format or a newer version.
+    """
+    name = str(path_or_dict) if isinstance(path_or_dict, (str, os.PathLike)) else "the checkpoint"
+    vrg = _vrg_of(path_or_dict)
+    if vrg is None:
+        raise ValueError(f"{name} has no '{VRG_KEY}' section (no error profile, no VRG trajectories). "
+                         f"To create them, {HOW_TO_CREATE}.")
+    if vrg.get("format") != VRG_FORMAT:
+        raise ValueError(f"{name}: vrg.format is {vrg.get('format')!r}, expected {VRG_FORMAT!r}.")
+    version = vrg.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{name}: vrg.version must be a positive integer; got {version!r}.")
+    if version > VRG_VERSION:
+        raise ValueError(f"{name}: vrg.version {version} is newer than this toolkit reads ({VRG_VERSION}); upgrade "
+                         "vrg-lightning.")
+    missing = [k for k in ("schedule", "profile", "entries") if k not in vrg]
+    if missing:
+        raise ValueError(f"{name} holds a model but no VRG statistics (missing vrg.{', vrg.'.join(missing)}). "
+                         f"To create them, {HOW_TO_CREATE}.")
+    if not isinstance(vrg["entries"], list):
+        raise ValueError(f"{name}: vrg.entries must be a list; got {type(vrg['entries']).__name__}.")
+    for i, e in enumerate(vrg["entries"]):
+        lacks = [k for k in ("solver", "steps", "base", "alpha_bar") if not isinstance(e, Mapping) or k not in e]
+        if lacks:
+            raise ValueError(f"{name}: vrg.entries[{i}] lacks {lacks}.")
+    return dict(vrg)
+
+
+def check_same_schedule(stored: Mapping[str, Any], schedule: NoiseSchedule, what: str = "checkpoint") -> None:
+    """Raise ``ValueError`` unless a stored schedule dict describes ``schedule`` (prediction_type ignored)."""
+    try:
+        other = NoiseSchedule.from_dict(stored)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"The {what} holds an invalid noise schedule {dict(stored)!r}: {exc}") from exc
+    if other != schedule:
+        raise ValueError(f"The {what} was made with noise schedule {other.to_dict()} but the model uses "
+                         f"{schedule.to_dict()}; its error profile and trajectories do not apply. Start a fresh "
+                         "profile (drop the vrg statistics) or use the matching schedule.")
+
+
+def load_denoiser(path: str | os.PathLike | Mapping[str, Any], use_ema: bool = True):
+    """Rebuild the trained :class:`~vrg_lightning.denoiser.Denoiser` of a checkpoint (``weights_only=True``).
+
+    Args:
+        path: a Lightning checkpoint of ``DiffusionModule`` (or a file written by ``vrg profile --ckpt``), or
+            an already loaded checkpoint dict.
+        use_ema: load the EMA weights when the checkpoint has them (a warning falls back to the raw weights).
+
+    Returns:
+        ``(denoiser, vrg)``: the model in eval mode on CPU, and the validated ``vrg`` section or ``None`` when
+        the checkpoint holds no profile/trajectories yet.
+    """
+    from .denoiser import Denoiser
+
+    name = str(path) if isinstance(path, (str, os.PathLike)) else "the checkpoint"
+    ckpt = load_checkpoint_file(path) if isinstance(path, (str, os.PathLike)) else dict(path)
+    vrg = ckpt.get(VRG_KEY)
+    model = vrg.get("model") if isinstance(vrg, Mapping) else None
+    if not isinstance(model, Mapping) or "denoiser" not in model:
+        raise ValueError(f"{name} holds no vrg.model section (no denoiser config): it was not written by "
+                         "vrg_lightning.module.DiffusionModule or `vrg profile --ckpt`.")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{name} has no state_dict (model weights); a profile-only file cannot be sampled from.")
+    prefix = str(model.get("weights", "model."))
+    ema_prefix = model.get("ema_weights")
+    if use_ema:
+        if ema_prefix and any(k.startswith(str(ema_prefix)) for k in state):
+            prefix = str(ema_prefix)
+        else:
+            warnings.warn(f"{name} has no EMA weights; using the raw training weights.", stacklevel=2)
+    denoiser = Denoiser.from_config(model["denoiser"])
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        denoiser.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}: the weights under {prefix!r} do not fit the stored denoiser config: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    denoiser.eval().requires_grad_(False)
+    try:
+        info = read_vrg(vrg)
+    except ValueError:
+        info = None
+    return denoiser, info
+
+
+def describe_entry(e: Mapping[str, Any]) -> str:
+    """One-line description: ``ddim/10/time_uniform/paper lp=0.1``."""
+    return f"{e.get('solver')}/{e.get('steps')}/{e.get('base')}/{e.get('objective', '?')} lp={e.get('lp', '?')}"
+
+
+def find_entry(vrg: Mapping[str, Any], solver: str, steps: int, base: str | None = None,
+               objective: str | None = None, lp: float | None = None) -> dict[str, Any]:
+    """The unique entry matching the given fields (``None`` = any).
+
+    Raises:
+        ValueError: no match or several matches; the message lists the stored entries.
+    """
+    entries = list(vrg.get("entries", []))
+    want = {"solver": solver, "steps": int(steps), "base": base, "objective": objective, "lp": lp}
+
+    def ok(e: Mapping[str, Any]) -> bool:
+        for k, v in want.items():
+            if v is None:
+                continue
+            if k == "lp":
+                if e.get("lp") is None or abs(float(e["lp"]) - float(v)) > 1e-12:
+                    return False
+            elif e.get(k) != v:
+                return False
+        return True
+
+    found = [e for e in entries if ok(e)]
+    stored = "; ".join(describe_entry(e) for e in entries) or "none"
+    asked = "/".join(f"{k}={v}" for k, v in want.items() if v is not None)
+    if not found:
+        raise ValueError(f"No VRG trajectory for {asked}. Stored entries: {stored}. Compute more with "
+                         "`vrg profile` or `vrg optimize`.")
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} VRG trajectories match {asked}: "
+                         f"{'; '.join(describe_entry(e) for e in found)}. Give base/objective/lp to pick one.")
+    return dict(found[0])
