@@ -1,0 +1,202 @@
+"""FID feature extractors, statistics, the reference cache and the InceptionV3 path (random local weights)."""
+
+from __future__ import annotations
+
+import doctest
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from vrg_lightning import metrics
+from vrg_lightning.metrics import (
+    DIGITS_ASSET,
+    INCEPTION_WEIGHTS_URL,
+    DigitsClassifier,
+    FeatureStats,
+    build_features,
+    feature_stats,
+    fid_of,
+    make_fid_metric,
+    reference_stats,
+)
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8 - 1, torch.tensor(d.target)
+
+
+def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(metrics).failed == 0
+
+
+def test_digits_asset_is_plain_state_dict_and_classifies() -> None:
+    assert DIGITS_ASSET.stat().st_size < 200_000
+    state = torch.load(DIGITS_ASSET, weights_only=True)
+    net = DigitsClassifier()
+    net.load_state_dict(state)
+    x, y = _digits()
+    with torch.no_grad():
+        acc = float((net(x).argmax(1) == y).float().mean())
+        x16 = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear")  # the 16x16 training data
+        acc16 = float((net(torch.nn.functional.adaptive_avg_pool2d(x16, 8)).argmax(1) == y).float().mean())
+    assert acc > 0.97 and acc16 > 0.97
+
+
+def test_fid_matches_scipy_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    ext = build_features("pixels", image_shape=(1, 3, 3))
+    a = torch.rand(200, 1, 3, 3, generator=g) * 2 - 1
+    b = torch.randn(150, 1, 3, 3, generator=g) * 0.5 + 0.1
+    ref = feature_stats(a, ext, batch_size=64)
+    res = fid_of(b, ext, ref, batch_size=32)
+    expected = _scipy_fid(b.flatten(1).double().numpy(), a.flatten(1).double().numpy())
+    assert res.value == pytest.approx(expected, rel=1e-6)
+    assert res.label == "FID[pixels]" and str(res).startswith("FID[pixels]=")
+    assert res.num_images == 150 and res.num_reference == 200
+    assert fid_of(a, ext, ref).value == pytest.approx(0.0, abs=1e-6)
+
+
+def test_torchmetrics_metric_agrees_with_stats() -> None:
+    g = torch.Generator().manual_seed(1)
+    ext = build_features("pixels", image_shape=(1, 4, 4))
+    a, b = torch.rand(80, 1, 4, 4, generator=g) * 2 - 1, torch.rand(60, 1, 4, 4, generator=g) * 1.6 - 0.9
+    ref = feature_stats(a, ext)
+    metric = make_fid_metric(ext, ref)
+    for chunk in b.split(16):
+        metric.update(chunk, real=False)
+    assert float(metric.compute()) == pytest.approx(fid_of(b, ext, ref).value, rel=1e-4)
+    metric.reset()  # real statistics survive a reset
+    metric.update(b, real=False)
+    assert float(metric.compute()) == pytest.approx(fid_of(b, ext, ref).value, rel=1e-4)
+
+
+def test_digits_features_separate_digits_from_noise() -> None:
+    x, _ = _digits()
+    ext = build_features("digits")
+    ref = feature_stats(x[:900], ext)
+    same = fid_of(x[900:], ext, ref).value
+    g = torch.Generator().manual_seed(0)
+    noise = fid_of(torch.rand(897, 1, 8, 8, generator=g) * 2 - 1, ext, ref).value
+    assert same * 20 < noise
+    up = torch.nn.functional.interpolate(x[900:], scale_factor=2, mode="nearest")  # 16x16 pools back exactly
+    assert fid_of(up, ext, ref).value == pytest.approx(same, rel=1e-5)
+    assert fid_of(up, ext, ref).features == "digits-classifier"
+
+
+@pytest.mark.parametrize(
+    ("features", "shape", "match"),
+    [
+        ("digits", (2, 3, 8, 8), "1 channel"),
+        ("digits", (2, 1, 12, 12), "multiple of 8"),
+        ("pixels", (2, 1, 8, 9), r"shape \(1, 8, 8\)"),
+        ("pixels", (2, 8, 8), r"\[N, C, H, W\]"),
+    ],
+)
+def test_input_checks(features: str, shape: tuple[int, ...], match: str) -> None:
+    ext = build_features(features, image_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=match):
+        ext(torch.zeros(shape))
+
+
+def test_unknown_features_and_stats_mismatch() -> None:
+    with pytest.raises(ValueError, match="Unknown features 'clip'"):
+        build_features("clip")
+    with pytest.raises(ValueError, match="image_shape"):
+        build_features("pixels")
+    ref = feature_stats(torch.zeros(4, 1, 8, 8).uniform_(-1, 1), build_features("pixels", image_shape=(1, 8, 8)))
+    with pytest.raises(ValueError, match="cannot be compared"):
+        fid_of(torch.zeros(4, 1, 8, 8), build_features("digits"), ref)
+
+
+def test_user_module_features() -> None:
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5))
+    ext = build_features(net, image_shape=(1, 4, 4))
+    assert ext.num_features == 5 and ext.name == "module-Sequential"
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(30, 1, 4, 4, generator=g)
+    with torch.no_grad():
+        expected = _scipy_fid(net(a[15:]).double().numpy(), net(a[:15]).double().numpy())
+    assert fid_of(a[15:], ext, feature_stats(a[:15], ext)).value == pytest.approx(expected, rel=1e-5)
+
+
+def test_reference_stats_are_cached_by_dataset_and_features(tmp_path: Path) -> None:
+    calls: list[str] = []
+    x, _ = _digits()
+
+    def images() -> torch.Tensor:
+        calls.append("x")
+        return x[:100]
+
+    ext = build_features("digits")
+    s1 = reference_stats("digits", ext, images, cache_dir=tmp_path, progress=False)
+    s2 = reference_stats("digits", ext, images, cache_dir=tmp_path, progress=False)
+    assert calls == ["x"] and s2.n == 100 and torch.equal(s1.cov_sum, s2.cov_sum)
+    files = sorted(p.name for p in (tmp_path / "fid-stats").iterdir())
+    assert files == [f"digits--digits-classifier--{ext.weights_hash}.pt"]
+    reference_stats("digits", build_features("pixels", image_shape=(1, 8, 8)), images, cache_dir=tmp_path,
+                    progress=False)
+    reference_stats("other", ext, images, cache_dir=tmp_path, progress=False)
+    assert len(calls) == 3 and len(list((tmp_path / "fid-stats").iterdir())) == 3
+    loaded = torch.load(tmp_path / "fid-stats" / files[0], weights_only=True)
+    assert FeatureStats.from_dict(loaded).features == "digits-classifier"
+
+
+def test_missing_inception_weights_error_says_where_to_get_them(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError) as info:
+        build_features("inception", inception_weights=missing)
+    msg = str(info.value)
+    assert INCEPTION_WEIGHTS_URL in msg and "--inception-weights" in msg and str(missing) in msg
+    with pytest.raises(FileNotFoundError, match="no weights file was given"):
+        build_features("inception")
+
+
+def _random_inception_weights(path: Path) -> None:
+    """A randomly initialised state_dict with torch-fidelity's InceptionV3 keys (no download)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), path)
+
+
+def test_inception_path_end_to_end_with_random_local_weights(tmp_path: Path) -> None:
+    weights = tmp_path / "inception.pth"
+    _random_inception_weights(weights)
+    ext = build_features("inception", inception_weights=weights)
+    assert ext.name == "inception-v3-2048" and ext.num_features == 2048
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    fake = (torch.rand(3, 3, 16, 16, generator=g) * 2 - 1) * 0.5
+    ref = reference_stats("tiny", ext, lambda: real, cache_dir=tmp_path, progress=False)
+    res = fid_of(fake, ext, ref)
+    assert res.label == "FID[inception-v3-2048]" and np.isfinite(res.value) and res.value > 0
+
+    # same features as torchmetrics' own InceptionV3 wrapper (same weights, TF1-style resize) on uint8 images
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    tm = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights), antialias=False)
+    with torch.no_grad():
+        expected = tm(((fake + 1) * 127.5).round().to(torch.uint8))
+        assert torch.allclose(ext(fake), expected, rtol=1e-5, atol=1e-5)
+
+    gray = real[:2, :1]
+    assert ext(gray).shape == (2, 2048)  # 1-channel images are repeated to RGB
+    with pytest.raises(ValueError, match="1 or 3 channel"):
+        ext(torch.zeros(2, 4, 16, 16))
