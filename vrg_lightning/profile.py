@@ -64,7 +64,8 @@ class PiecewiseLinearMSE:
         x = alpha_bar.clamp(float(xp[0]), float(xp[-1]))
         idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
         x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
-        return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+        width = x1 - x0  # rows printed with the same alpha_bar give zero-width segments: take the left value
+        return y0 + (x - x0) * torch.where(width > 0, (y1 - y0) / torch.where(width > 0, width, 1.0), 0.0)
 
 
 class PchipLogMSE:
