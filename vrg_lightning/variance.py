@@ -3,18 +3,45 @@
 ``cpe_paper`` is the published DDIM formula (VRG paper, eq. for DDIM)::
 
     cpe = Σ_i (s_i - s_{i-1})² · MSE(ᾱ_i),   s = √((1-ᾱ)/ᾱ),  s_{-1} = 0   (cleanest step first)
+
+``cpe_solver`` is its solver-aware generalisation. Every solver is linear in the model outputs, so its
+final sample is ``c·x_start + Σ_j w_j ε̂_j``; an error δ_j in evaluation j moves it by ``w_j δ_j``, and with
+independent errors of per-dimension variance MSE(ᾱ_j) (the paper's assumption)::
+
+    cpe_solver = Σ_j w_j² · MSE(ᾱ_j)
+
+The weights come from running the solver code itself (``solvers.sample``) on a one-hot basis, so they
+are exact for that code and differentiable in the trajectory. For ``ddim`` they are s_{j-1} - s_j and
+``cpe_solver`` equals ``cpe_paper``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .schedule import alpha_bar_to_sigma
+from .solvers import SOLVERS, _check_final, _check_options, num_evaluations, sample
+from .trajectories import validate_trajectory
 
-__all__ = ["cpe_paper", "MSEFn"]
+__all__ = [
+    "cpe_paper",
+    "MSEFn",
+    "OBJECTIVES",
+    "Propagation",
+    "propagation",
+    "propagation_weights",
+    "cpe_solver",
+    "cpe",
+    "cpe_contributions",
+]
+
+OBJECTIVES = ("paper", "solver")
 
 MSEFn = Callable[[Tensor], Tensor]
 
@@ -30,3 +57,139 @@ def cpe_paper(alpha_bar: Tensor, mse: MSEFn) -> Tensor:
     s = alpha_bar_to_sigma(alpha_bar)
     ds = torch.diff(s, prepend=s.new_zeros(1))
     return (ds**2 * mse(alpha_bar)).sum()
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """How a solver carries model outputs into its final sample: ``x_final = x_coef·x_start + Σ_j weights_j ε̂_j``.
+
+    Attributes:
+        weights: ``[M]`` float64, one per model evaluation, **cleanest evaluation first** (reverse evaluation
+            order), so for solvers with one evaluation per trajectory value ``weights[j]`` belongs to ``alpha_bar[j]``.
+        alpha_bar: ``[M]`` the ᾱ of each evaluation, same order (the trajectory itself unless the solver evaluates
+            twice at a value, ``plms``, or at midpoints, ``pndm``); differentiable in the trajectory.
+        x_coef: 0-d, the coefficient of the starting sample.
+    """
+
+    weights: Tensor
+    alpha_bar: Tensor
+    x_coef: Tensor
+
+
+def propagation(solver: str, alpha_bar: Tensor, *, final_alpha_bar: float = 1.0, **options: Any) -> Propagation:
+    """Propagation weights of ``solver`` over a trajectory, by running the solver on a one-hot basis.
+
+    ``x`` is the basis vector of the start ([M+1, 1], float64) and the k-th call of ``eps_fn`` returns the
+    k-th basis vector, so the solver's output holds (w_1, ..., w_M, c). Autograd flows to ``alpha_bar``.
+
+    Example:
+        >>> ab = torch.tensor([0.9, 0.5], dtype=torch.float64)
+        >>> p = propagation("ddim", ab)
+        >>> [round(float(w), 6) for w in p.weights], round(float(p.x_coef), 6)
+        ([-0.333333, -0.666667], 1.414214)
+    """
+    _check_options(solver, options)
+    ab = validate_trajectory(alpha_bar, "alpha_bar")
+    m = num_evaluations(solver, ab.numel())
+    basis = torch.eye(m + 1, dtype=torch.float64, device=ab.device).unsqueeze(-1)
+    levels: list[Tensor] = []
+
+    def one_hot(x: Tensor, a: Tensor) -> Tensor:
+        levels.append(a)
+        return basis[len(levels) - 1]
+
+    out = sample(solver, one_hot, basis[m], ab, final_alpha_bar=final_alpha_bar, **options)[:, 0]
+    return Propagation(weights=out[:m].flip(0), alpha_bar=torch.stack(levels).flip(0), x_coef=out[m])
+
+
+def propagation_weights(solver: str, alpha_bar: Tensor, *, final_alpha_bar: float = 1.0, **options: Any) -> Tensor:
+    """The weights w_j of :func:`propagation` (cleanest evaluation first)."""
+    return propagation(solver, alpha_bar, final_alpha_bar=final_alpha_bar, **options).weights
+
+
+def _ddim_weights(alpha_bar: Tensor, final_alpha_bar: float) -> Tensor:
+    """Closed form of the ddim (= dpmsolver1) weights, cleanest first: w_j = √ᾱ_end (s_{j-1} - s_j), s_{-1} = σ_end."""
+    s = alpha_bar_to_sigma(alpha_bar)
+    s_end = math.sqrt((1 - final_alpha_bar) / final_alpha_bar)
+    return -torch.diff(s, prepend=s.new_full((1,), s_end)) * math.sqrt(final_alpha_bar)
+
+
+def _solver_terms(
+    alpha_bar: Tensor, mse: MSEFn, solver: str, final_alpha_bar: float, options: dict[str, Any]
+) -> Tensor:
+    """w_j² MSE(ᾱ_j), cleanest evaluation first; ddim/dpmsolver1 use their closed form (same numbers, tested)."""
+    if solver in ("ddim", "dpmsolver1") and not options:
+        ab = validate_trajectory(alpha_bar, "alpha_bar")
+        final = _check_final(final_alpha_bar, ab)
+        return _ddim_weights(ab, final) ** 2 * mse(ab)
+    p = propagation(solver, alpha_bar, final_alpha_bar=final_alpha_bar, **options)
+    return p.weights**2 * mse(p.alpha_bar)
+
+
+def cpe_solver(alpha_bar: Tensor, mse: MSEFn, solver: str, *, final_alpha_bar: float = 1.0, **options: Any) -> Tensor:
+    """Solver-aware cpe Σ_j w_j² MSE(ᾱ_j) of a trajectory (cleanest first); differentiable in ``alpha_bar``.
+
+    Example:
+        >>> ab = torch.tensor([0.9, 0.5], dtype=torch.float64)
+        >>> one = lambda a: torch.ones_like(a)
+        >>> round(float(cpe_solver(ab, one, "ddim")), 6), round(float(cpe_solver(ab, one, "dpmpp_2m")), 6)
+        (0.555556, 0.555556)
+    """
+    _check_options(solver, options)
+    return _solver_terms(alpha_bar, mse, solver, final_alpha_bar, options).sum()
+
+
+def _check_objective(objective: str, solver: str | None) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}.")
+    if solver is not None:
+        _check_options(solver, {})
+    elif objective == "solver":
+        raise ValueError(f"objective='solver' needs solver=<name>; allowed: {', '.join(SOLVERS)}.")
+
+
+def cpe_contributions(
+    alpha_bar: Tensor,
+    mse: MSEFn,
+    objective: str = "paper",
+    solver: str | None = None,
+    *,
+    final_alpha_bar: float = 1.0,
+    **options: Any,
+) -> Tensor:
+    """Per-evaluation terms of :func:`cpe` (they sum to it), cleanest evaluation first.
+
+    ``paper``: (s_i - s_{i-1})² MSE(ᾱ_i), one per trajectory value (``solver`` and options are not used: the
+    published formula is DDIM's, applied to every solver). ``solver``: w_j² MSE(ᾱ_j), one per model evaluation,
+    at the noise levels ``propagation(...).alpha_bar`` (the trajectory, except for ``plms`` and ``pndm``).
+    """
+    _check_objective(objective, solver)
+    if objective == "paper":
+        ab = validate_trajectory(alpha_bar, "alpha_bar")
+        s = alpha_bar_to_sigma(ab)
+        return torch.diff(s, prepend=s.new_zeros(1)) ** 2 * mse(ab)
+    _check_options(solver, options)
+    return _solver_terms(alpha_bar, mse, solver, final_alpha_bar, options)
+
+
+def cpe(
+    alpha_bar: Tensor,
+    mse: MSEFn,
+    objective: str = "paper",
+    solver: str | None = None,
+    *,
+    final_alpha_bar: float = 1.0,
+    **options: Any,
+) -> Tensor:
+    """The cpe of a trajectory for an objective: ``paper`` (:func:`cpe_paper`) or ``solver`` (:func:`cpe_solver`).
+
+    Example:
+        >>> ab = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
+        >>> one = lambda a: torch.ones_like(a)
+        >>> bool(torch.isclose(cpe(ab, one, "paper"), cpe(ab, one, "solver", "ddim")))
+        True
+    """
+    _check_objective(objective, solver)
+    if objective == "paper":
+        return cpe_paper(validate_trajectory(alpha_bar, "alpha_bar"), mse)
+    return cpe_solver(alpha_bar, mse, solver, final_alpha_bar=final_alpha_bar, **options)

@@ -1,0 +1,60 @@
+"""Time one ``cpe_solver`` evaluation plus its backward pass (what the VRG optimizer does per iteration).
+
+Usage: ``python benchmarks/bench_cpe_solver.py [--steps 10 50 100] [--device cpu] [--threads 1]``
+Prints a markdown table of milliseconds per call (best of several repeats, time_quadratic base, linear schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from vrg_lightning import NoiseSchedule, make_trajectory
+from vrg_lightning.solvers import SOLVERS
+from vrg_lightning.variance import cpe_paper, cpe_solver
+
+
+def mse(ab: torch.Tensor) -> torch.Tensor:
+    return 0.02 + 0.3 * ab**2
+
+
+def time_call(fn, repeats: int = 7, inner: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t) / inner)
+    return best * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = ["paper", *SOLVERS]
+    print("| N | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for n in args.steps:
+        base = make_trajectory(NoiseSchedule(), "time_quadratic", n).to(args.device)
+        row = []
+        for name in names:
+
+            def step(name: str = name, base: torch.Tensor = base) -> None:
+                ab = base.clone().requires_grad_(True)
+                value = cpe_paper(ab, mse) if name == "paper" else cpe_solver(ab, mse, name)
+                value.backward()
+
+            row.append(f"{time_call(step):.2f}")
+        print(f"| {n} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
