@@ -1,0 +1,68 @@
+"""Tiny sampling fixtures: a random-weight digits-shaped UNet checkpoint with a profile and VRG entries.
+
+Importable from tests and runnable as a script: ``python fixtures.py OUT_DIR`` writes ``model.ckpt`` and
+``reference.pt`` (64 real 16x16 digits in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vrg_lightning.checkpoint import build_vrg_state, model_section
+from vrg_lightning.denoiser import DIGITS_UNET, Denoiser
+from vrg_lightning.profile import ErrorProfile
+from vrg_lightning.trajectories import make_trajectory
+
+TINY_UNET = dict(DIGITS_UNET, block_out_channels=[8, 8, 8], norm_num_groups=4, attention_head_dim=8)
+ENTRIES = (("ddim", 4, "time_uniform"), ("ddim", 4, "logSNR"), ("dpmpp_2m", 4, "time_uniform"))
+
+
+def vrg_version(ab: torch.Tensor) -> torch.Tensor:
+    """A deterministic stand-in for an optimized trajectory: a small logit shift that keeps the order."""
+    lam = torch.logit(ab) + 0.2 * torch.linspace(-1, 1, ab.numel(), dtype=torch.float64)
+    return torch.sigmoid(lam)
+
+
+def make_checkpoint(path: str | Path, *, num_classes: int | None = None, seed: int = 0,
+                    entries: tuple[tuple[str, int, str], ...] = ENTRIES, extra_entries: list[dict[str, Any]] = ()
+                    ) -> Path:
+    """Write a checkpoint whose EMA weights differ from the raw ones (EMA = raw + small noise)."""
+    torch.manual_seed(seed)
+    den = Denoiser(TINY_UNET, num_classes=num_classes)
+    sched = den.schedule
+    ab = sched.alphas_cumprod[::50]
+    profile = ErrorProfile.from_table(ab, 0.02 + 0.3 * (1 - ab) * ab + 0.05 * ab)
+    rows = []
+    for solver, steps, base in entries:
+        b = make_trajectory(sched, base, steps)
+        rows.append({"solver": solver, "steps": steps, "base": base, "objective": "paper", "lp": 0.1,
+                     "alpha_bar": vrg_version(b).tolist(), "base_alpha_bar": b.tolist(), "validated": None})
+    rows.extend(dict(e) for e in extra_entries)
+    state = {}
+    for k, v in den.state_dict().items():
+        state["model." + k] = v.clone()
+        state["ema.module." + k] = (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone()
+    ckpt = {"state_dict": state,
+            "vrg": build_vrg_state(sched, profile, rows, model=model_section(den.config()))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def make_reference(path: str | Path, num: int = 64) -> Path:
+    """``num`` real 16x16 digits in [-1, 1] as a tensor file (an offline FID reference)."""
+    from vrg_lightning.data import load_real_images
+
+    torch.save(load_real_images("digits", num), path)
+    return Path(path)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    make_checkpoint(out / "model.ckpt")
+    make_reference(out / "reference.pt")

@@ -1,0 +1,260 @@
+"""``vrg sample``: sample a checkpoint's EMA model over a trajectory (Lightning, any number of processes), FID,
+grid and JSON report; ``--compare`` tabulates base trajectories against their VRG versions over several seeds.
+
+    vrg sample --ckpt model.ckpt --solver ddim --steps 10 --trajectory vrg --num-samples 2000 \\
+        --out runs/ddim10 --reference digits --devices 2 --accelerator cpu --strategy ddp
+    vrg sample --ckpt model.ckpt --compare --solver ddim,dpmpp_2m --steps 10 --trajectory time_uniform,logSNR \\
+        --seeds 0,1,2 --num-samples 1000 --reference digits --out runs/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+FEATURE_CHOICES = ("digits", "pixels", "inception")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and trajectory")
+    g.add_argument("--ckpt", required=True, help="Lightning checkpoint of the model (EMA weights are used).")
+    g.add_argument("--solver", default="ddim", help="Solver (comma list with --compare). Default: ddim.")
+    g.add_argument("--steps", default=None, help="Number of steps (comma list with --compare).")
+    g.add_argument("--trajectory", default=None,
+                   help="Base name (time_uniform, logSNR, ...), 'vrg' (the checkpoint's stored trajectory) or a "
+                        "trajectory file. Default: vrg. With --compare: comma list of bases (default: every base "
+                        "with a stored VRG trajectory).")
+    g.add_argument("--base", default=None, help="With --trajectory vrg: the base of the stored entry to use.")
+    g.add_argument("--objective", default=None, choices=("paper", "solver"),
+                   help="Pick the stored entry optimized for this objective (also the cpe reported by --compare).")
+    g.add_argument("--lp", type=float, default=None, help="Pick the stored entry with this learning portion.")
+    g.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance weight.")
+    g.add_argument("--raw-weights", action="store_true", help="Use the raw training weights instead of EMA.")
+    g = p.add_argument_group("samples")
+    g.add_argument("--num-samples", type=int, default=1000)
+    g.add_argument("--batch-size", type=int, default=64, help="Images per solver call (does not change the images).")
+    g.add_argument("--shard-size", type=int, default=500, help="Images per shard file (part of the manifest).")
+    g.add_argument("--seed", type=int, default=0, help="Sample i's noise and label depend only on (seed, i).")
+    g.add_argument("--seeds", default="0,1,2", help="Seeds of --compare (comma list).")
+    g.add_argument("--out", required=True, help="Output folder (resumable; other arguments are refused).")
+    g.add_argument("--compare", action="store_true", help="Base vs VRG table (paired FID over --seeds, cpe).")
+    g = p.add_argument_group("FID (computed when --reference is given)")
+    g.add_argument("--reference", default=None,
+                   help="Real images: a dataset name (digits, patches, cifar10, folder:PATH) or a .pt file holding "
+                        "an image tensor [N, C, H, W] in [-1, 1].")
+    g.add_argument("--reference-num", type=int, default=None, help="Number of real images (default: all).")
+    g.add_argument("--data-root", default="data", help="Dataset root for --reference cifar10.")
+    g.add_argument("--features", default=None, choices=FEATURE_CHOICES,
+                   help="FID features. Default: digits for 1-channel images, else inception when "
+                        "--inception-weights is given, else pixels.")
+    g.add_argument("--inception-weights", default=None,
+                   help="Local InceptionV3 weights file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth).")
+    g.add_argument("--cache-dir", default=None, help="Reference-statistics cache (default ~/.cache/vrg-lightning).")
+    g = p.add_argument_group("Lightning")
+    g.add_argument("--accelerator", default="auto")
+    g.add_argument("--devices", default="1", help="Number of devices (or 'auto').")
+    g.add_argument("--num-nodes", type=int, default=1)
+    g.add_argument("--strategy", default="auto", help="e.g. ddp (CPU: gloo).")
+    g.add_argument("--precision", default="32-true",
+                   help="Lightning precision of the model (part of the manifest); 64-true makes the images "
+                        "independent of --batch-size to ~1e-13 (float32 kernels round differently per batch size).")
+    g.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+
+def _ints(text: str | None, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma list of integers; got {text!r}.") from None
+    if not vals:
+        raise ValueError(f"--{name} must list at least one integer; got {text!r}.")
+    return vals
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for n in names:
+        v = getattr(args, n)
+        if v is not None and v < 1:
+            raise ValueError(f"--{n.replace('_', '-')} must be a positive integer; got {v!r}.")
+
+
+def _devices(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--devices must be a positive integer or 'auto'; got {text!r}.") from None
+    if n < 1:
+        raise ValueError(f"--devices must be a positive integer or 'auto'; got {text!r}.")
+    return n
+
+
+def _reference_images(args: argparse.Namespace, shape: tuple[int, int, int]):
+    import torch
+
+    p = Path(args.reference)
+    if p.suffix == ".pt" and p.is_file():
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+        x = obj.get("images", obj.get("samples")) if isinstance(obj, dict) else obj
+        if not torch.is_tensor(x):
+            raise ValueError(f"--reference {args.reference!r} holds no image tensor (or dict with 'images').")
+        x = x.float()[: args.reference_num]
+    else:
+        from vrg_lightning.data import load_real_images
+
+        x = load_real_images(args.reference, args.reference_num, root=args.data_root, image_size=shape[-1])
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"--reference images have shape {tuple(x.shape[1:])} but the model makes {shape}.")
+    return x
+
+
+def _fid_setup(args: argparse.Namespace, shape: tuple[int, int, int]):
+    """``(extractor, reference stats, description)`` or ``(None, None, None)`` without --reference."""
+    from vrg_lightning.metrics import build_features, reference_stats
+
+    if args.reference is None:
+        if args.features or args.inception_weights:
+            raise ValueError("--features/--inception-weights need --reference (the real images FID compares with).")
+        return None, None, None
+    features = args.features or ("digits" if shape[0] == 1 else "inception" if args.inception_weights else "pixels")
+    ext = build_features(features, image_shape=shape, inception_weights=args.inception_weights)
+    src = Path(args.reference)
+    if src.suffix == ".pt" and src.is_file():
+        from vrg_lightning.sampling import file_sha256
+
+        name = f"file-{file_sha256(src)[:16]}"  # keyed by content, not by path
+    else:
+        name = args.reference
+    key = f"{name}-n{args.reference_num or 'all'}"
+    ref = reference_stats(key, ext, lambda: _reference_images(args, shape), cache_dir=args.cache_dir,
+                          progress=not args.no_progress)
+    desc = {"reference": args.reference, "num_reference": ref.n, "features": ext.name,
+            "weights_hash": ext.weights_hash}
+    return ext, ref, desc
+
+
+def run(args: argparse.Namespace) -> int:
+    from vrg_lightning.checkpoint import load_denoiser
+    from vrg_lightning.sampling import file_sha256, image_shape
+
+    _positive(args, "num_samples", "batch_size", "shard_size", "reference_num", "num_nodes")
+    devices = _devices(args.devices)
+    denoiser, vrg = load_denoiser(args.ckpt, use_ema=not args.raw_weights)
+    shape = image_shape(denoiser)
+    sha = file_sha256(args.ckpt)
+    common = {"checkpoint": {"path": str(args.ckpt), "sha256": sha, "weights": "raw" if args.raw_weights else "ema"}}
+    if args.compare:
+        return _run_compare(args, denoiser, vrg, shape, common, devices)
+    return _run_single(args, denoiser, vrg, shape, sha, common, devices)
+
+
+def _run_single(args, denoiser, vrg, shape, sha, common, devices) -> int:
+    from vrg_lightning.sampling import SampleJob, resolve_trajectory, run_sampling_job, trajectory_cpe
+
+    if "," in args.solver or (args.steps and "," in str(args.steps)):
+        raise ValueError("Comma lists in --solver/--steps need --compare.")
+    steps = _ints(args.steps, "steps")[0] if args.steps is not None else None
+    traj = resolve_trajectory(denoiser.schedule, vrg, args.solver, steps, args.trajectory or "vrg", base=args.base,
+                              objective=args.objective, lp=args.lp)
+    ext, ref, fid_desc = _fid_setup(args, shape)
+    job = SampleJob(sha, args.solver, traj.alpha_bar, args.num_samples, args.seed, args.shard_size,
+                    float(args.guidance_scale), not args.raw_weights, args.precision, shape)
+    extra = {**common, "trajectory": traj.to_dict(), "cpe": trajectory_cpe(traj.tensor, vrg, args.solver),
+             "fid_reference": fid_desc, "arguments": _arguments(args)}
+    trainer_kwargs = {"accelerator": args.accelerator, "devices": devices, "num_nodes": args.num_nodes,
+                      "strategy": args.strategy}
+    report = run_sampling_job(denoiser, job, args.out, batch_size=args.batch_size, trainer_kwargs=trainer_kwargs,
+                              extractor=ext, reference=ref, report_extra=extra, progress=not args.no_progress)
+    if report is not None:
+        fid = report["fid"]
+        cpe = report["cpe"]
+        print(f"{args.num_samples} samples ({args.solver}, {len(traj.alpha_bar)} steps, {traj.source}) -> {args.out}")
+        if cpe:
+            print(f"cpe[paper]={cpe['paper']:.6g}" + (f" cpe[solver]={cpe['solver']:.6g}" if cpe["solver"] else ""))
+        if fid:
+            print(f"{fid['metric']}={fid['value']:.4f} ({fid['num_images']} images vs {fid['num_reference']} real)")
+    return 0
+
+
+def _arguments(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
+    import torch
+
+    from vrg_lightning.io import atomic_write_json, atomic_write_text
+    from vrg_lightning.sampling import (
+        check_manifest,
+        compare_markdown,
+        paired_compare,
+        plot_compare,
+        select_vrg_entry,
+    )
+    from vrg_lightning.trajectories import make_trajectory
+
+    if args.reference is None:
+        raise ValueError("--compare needs --reference (FID compares base and VRG trajectories).")
+    if devices not in (1, "auto") or args.num_nodes != 1:
+        raise ValueError(f"--compare runs in one process; got --devices {args.devices} --num-nodes {args.num_nodes}.")
+    if not vrg:
+        raise ValueError(f"{args.ckpt} holds no VRG trajectories to compare; run `vrg profile` first.")
+    solvers = [s.strip() for s in args.solver.split(",") if s.strip()]
+    steps_list = _ints(args.steps, "steps") if args.steps else sorted({int(e["steps"]) for e in vrg["entries"]})
+    seeds = _ints(args.seeds, "seeds")
+    if args.trajectory is not None and "vrg" in args.trajectory.split(","):
+        raise ValueError("--compare takes base names in --trajectory (each is compared with its VRG version).")
+    ext, ref, fid_desc = _fid_setup(args, shape)
+    accel = args.accelerator
+    device = "cuda" if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()) else "cpu"
+    if args.precision not in ("32-true", "64-true"):
+        raise ValueError(f"--compare supports --precision 32-true or 64-true; got {args.precision!r}.")
+    denoiser.to(device, torch.float64 if args.precision == "64-true" else torch.float32)
+    out = Path(args.out)
+    identity = {"ckpt_sha256": common["checkpoint"]["sha256"], "solvers": solvers, "steps": steps_list,
+                "trajectory": args.trajectory, "base": args.base, "objective": args.objective, "lp": args.lp,
+                "seeds": seeds, "num_samples": args.num_samples, "guidance_scale": args.guidance_scale,
+                "precision": args.precision,
+                "weights": common["checkpoint"]["weights"], "fid": fid_desc}
+    check_manifest(out, identity, kind="compare")
+    mse = None
+    if "profile" in vrg:
+        from vrg_lightning.profile import ErrorProfile
+
+        mse = ErrorProfile.from_dict(vrg["profile"]).mse_function("fit")
+    rows = []
+    for solver in solvers:
+        for steps in steps_list:
+            bases = args.trajectory.split(",") if args.trajectory else sorted(
+                {str(e["base"]) for e in vrg["entries"] if e["solver"] == solver and int(e["steps"]) == steps})
+            if not bases:
+                select_vrg_entry(vrg, solver, steps)  # raises with the list of stored entries
+            for base in bases:
+                entry = select_vrg_entry(vrg, solver, steps, base=base, objective=args.objective, lp=args.lp)
+                print(f"compare {solver} {steps} steps {base}: base vs VRG over seeds {seeds}", file=sys.stderr)
+                rows.append(paired_compare(
+                    denoiser, solver, make_trajectory(denoiser.schedule, base, steps),
+                    torch.tensor(entry["alpha_bar"], dtype=torch.float64), extractor=ext, reference=ref,
+                    seeds=seeds, num_samples=args.num_samples, batch_size=args.batch_size,
+                    guidance_scale=args.guidance_scale, device=device, mse=mse,
+                    objective=args.objective or entry.get("objective") or "paper", base=base,
+                    entry={k: entry.get(k) for k in ("objective", "lp", "cpe_before", "cpe_after", "validated")},
+                    cache_dir=out / "stats", progress=not args.no_progress))
+    table = compare_markdown(rows)
+    atomic_write_text(out / "compare.md", table)
+    atomic_write_json(out / "compare.json", {"format": "vrg-compare-report", "version": 1, **common,
+                                             "fid_reference": fid_desc, "arguments": _arguments(args),
+                                             "rows": [r.to_dict() for r in rows]})
+    plot_compare(rows, out / "compare.png", mse)
+    print(table, end="")
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    from vrg_lightning.cli import main
+
+    sys.exit(main(["sample", *sys.argv[1:]]))
