@@ -1,0 +1,121 @@
+"""``vrg export``: sigmas for diffusers' Euler scheduler, integer timesteps for DPM-Solver, and the cpe cost of
+rounding."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts_sampling"))
+
+from fixtures import make_checkpoint  # noqa: E402
+
+from vrg_lightning.checkpoint import read_vrg  # noqa: E402
+from vrg_lightning.cli import main  # noqa: E402
+from vrg_lightning.commands import export  # noqa: E402
+from vrg_lightning.commands.export import export_trajectory  # noqa: E402
+from vrg_lightning.profile import ErrorProfile  # noqa: E402
+from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_sigma  # noqa: E402
+from vrg_lightning.solvers import sample  # noqa: E402
+from vrg_lightning.trajectories import make_trajectory  # noqa: E402
+from vrg_lightning.variance import cpe  # noqa: E402
+
+SCHED = NoiseSchedule()
+DIFFUSERS_CFG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("export") / "model.ckpt")
+
+
+def _mse():
+    ab = SCHED.alphas_cumprod[::50]
+    return ErrorProfile.from_table(ab, 0.02 + 0.3 * (1 - ab) * ab + 0.05 * ab).mse_function("fit")
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(export).failed == 0
+
+
+def test_sigmas_drive_diffusers_euler_like_our_ddim() -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    ab = torch.sigmoid(torch.logit(make_trajectory(SCHED, "time_quadratic", 8)) + 0.1)  # an off-grid trajectory
+    res = export_trajectory(ab, SCHED, "sigmas")
+    assert res.values[-1] == 0.0 and len(res.values) == 9
+    sched = EulerDiscreteScheduler(**DIFFUSERS_CFG)
+    sched.set_timesteps(sigmas=res.values)
+    assert sched.num_inference_steps == 8 and len(sched.timesteps) == 8
+    expected = torch.tensor(res.values, dtype=torch.float32)
+    assert torch.equal(sched.sigmas, expected)  # float sigmas kept (as float32), end point included once
+    assert torch.allclose(sched.timesteps.double(), SCHED.alpha_bar_to_t(ab).flip(0), atol=0.05)
+
+    # Euler over these sigmas == DDIM over the trajectory, for a model that only sees its (VP) input
+    eps = lambda x_vp: 0.5 * torch.tanh(x_vp)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    ours = sample("ddim", lambda xv, a: eps(xv), x, ab)
+    lat = x * (1 + float(alpha_bar_to_sigma(ab[-1])) ** 2) ** 0.5  # Euler's scaled variable x / √ᾱ
+    sched = EulerDiscreteScheduler(**DIFFUSERS_CFG)
+    sched.set_timesteps(sigmas=res.values)
+    for t in sched.timesteps:
+        lat = sched.step(eps(sched.scale_model_input(lat, t)), t, lat).prev_sample
+    assert torch.allclose(lat, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_timesteps_match_dpmsolver_and_report_rounding_cost() -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    ab = torch.sigmoid(torch.logit(make_trajectory(SCHED, "logSNR", 10)) + 0.07)
+    mse = _mse()
+    res = export_trajectory(ab, SCHED, "timesteps", mse=mse)
+    ts = res.values
+    assert all(isinstance(t, int) for t in ts) and all(a > b for a, b in zip(ts, ts[1:], strict=False))
+    exact_t = SCHED.alpha_bar_to_t(ab).flip(0)
+    assert (torch.tensor(ts) - exact_t).abs().max() <= 0.5
+    sched = DPMSolverMultistepScheduler(**DIFFUSERS_CFG)
+    sched.set_timesteps(timesteps=ts)
+    assert sched.timesteps.tolist() == ts
+    rounded = SCHED.alphas_cumprod[torch.tensor(ts)]
+    # diffusers keeps alphas_cumprod in float32 (relative error ~2e-5 at the clean end)
+    assert torch.allclose(sched.sigmas[:-1].double(), alpha_bar_to_sigma(rounded), rtol=1e-4)
+    assert sched.sigmas[-1] == 0  # the scheduler appends the end point (final_sigmas_type="zero")
+    assert res.alpha_bar_exported == rounded.flip(0).tolist()
+    assert res.cpe_exact == pytest.approx(float(cpe(ab, mse, "paper")))
+    assert res.cpe_exported == pytest.approx(float(cpe(rounded.flip(0), mse, "paper")))
+    assert res.cpe_exported != res.cpe_exact and abs(res.cpe_change) < 0.05
+    solver = export_trajectory(ab, SCHED, "timesteps", mse=mse, objective="solver", solver="dpmpp_2m")
+    assert solver.cpe_exact == pytest.approx(float(cpe(ab, mse, "solver", "dpmpp_2m")))
+
+
+def test_rounding_collision_is_an_error() -> None:
+    ab = torch.sort(torch.tensor([float(SCHED.t_to_alpha_bar(torch.tensor(t))) for t in (100.0, 300.2, 300.4)],
+                                 dtype=torch.float64), descending=True).values
+    with pytest.raises(ValueError, match="round to the same integer timestep 300"):
+        export_trajectory(ab, SCHED, "timesteps")
+    with pytest.raises(ValueError, match="--format must be one of sigmas, timesteps; got 'karras'"):
+        export_trajectory(ab, SCHED, "karras")
+
+
+def test_cli(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    vrg = read_vrg(ckpt)
+    assert main(["export", "--ckpt", str(ckpt), "--solver", "ddim", "--steps", "4", "--base", "logSNR",
+                 "--format", "sigmas"]) == 0
+    out = capsys.readouterr()
+    stored = torch.tensor(next(e for e in vrg["entries"] if e["base"] == "logSNR")["alpha_bar"], dtype=torch.float64)
+    sig = [float(s) for s in alpha_bar_to_sigma(stored).flip(0)] + [0.0]
+    assert out.out.strip() == "sigmas=[" + ", ".join(map(repr, sig)) + "]"
+    assert "cpe[paper] exact" in out.err
+    assert main(["export", "--ckpt", str(ckpt), "--solver", "dpmpp_2m", "--steps", "4", "--format", "timesteps",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["format"] == "timesteps" and d["source"] == "vrg" and d["base"] == "time_uniform"
+    assert d["cpe_exported"] > 0 and d["cpe_change"] == pytest.approx(d["cpe_exported"] / d["cpe_exact"] - 1)
+    assert main(["export", "--ckpt", str(ckpt), "--solver", "ddim", "--steps", "9", "--format", "sigmas"]) == 2
+    assert "Stored (solver, steps, base): (ddim, 4, logSNR)" in capsys.readouterr().err
