@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -138,7 +139,9 @@ def make_trajectory(
         if base == "leading":
             ts = torch.arange(0, steps, dtype=torch.float64) * (T // steps)
         else:
-            ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)).flip(0) - 1
+            # diffusers' own arithmetic (np.arange), whose rounding ties we match; it can yield steps+1 values
+            # (a last one ~0, i.e. timestep -1), so keep the first `steps`
+            ts = torch.from_numpy(np.round(np.arange(T, 0, -T / steps))[:steps].copy()).flip(0) - 1
         return validate_trajectory(schedule.alphas_cumprod[ts.long()], base)
     raise ValueError(f"Unknown base trajectory {base!r}; allowed: {', '.join(BASES)}.")
 
