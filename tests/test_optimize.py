@@ -26,7 +26,7 @@ from vrg_lightning.optimize import (
 from vrg_lightning.profile import ErrorProfile, load_profile
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.trajectories import make_trajectory
-from vrg_lightning.variance import cpe_paper
+from vrg_lightning.variance import cpe_paper, cpe_solver
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 SCHED = NoiseSchedule()
@@ -273,9 +273,6 @@ def test_bad_mse_function() -> None:
 
 
 def test_solver_objective(mse_paper) -> None:
-    variance = pytest.importorskip("vrg_lightning.variance")
-    if not hasattr(variance, "cpe_solver"):
-        pytest.skip("variance.cpe_solver not available")
     ab = make_trajectory(SCHED, "time_uniform", 5)
     paper = optimize_trajectory(ab, mse_paper, OptimizeSettings(lp=0.05, mse_mode="paper"))
     ddim = optimize_trajectory(ab, mse_paper, OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver"))
@@ -283,7 +280,8 @@ def test_solver_objective(mse_paper) -> None:
     s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver="dpmpp_2m")
     r = optimize_trajectory(ab, mse_paper, s)
     check_valid(r, s)
-    assert r.cpe_before == pytest.approx(float(variance.cpe_solver(ab, mse_paper, "dpmpp_2m")), rel=1e-12)
+    assert r.cpe_before == pytest.approx(float(cpe_solver(ab, mse_paper, "dpmpp_2m")), rel=1e-12)
+    assert r.cpe_after == pytest.approx(float(cpe_solver(r.alpha_bar, mse_paper, "dpmpp_2m")), rel=1e-12)
     assert r.loss < r.loss_before
 
 

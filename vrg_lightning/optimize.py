@@ -57,13 +57,13 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from .schedule import alpha_bar_to_lambda, alpha_bar_to_sigma
+from .solvers import SOLVERS
 from .trajectories import validate_trajectory
+from .variance import OBJECTIVES, cpe_solver
 
 __all__ = [
-    "OBJECTIVES",
     "TRUSTS",
     "MSE_MODES",
-    "SOLVER_NAMES",
     "OptimizeSettings",
     "OptimizeResult",
     "optimize_trajectory",
@@ -72,24 +72,12 @@ __all__ = [
     "trajectory_loss",
 ]
 
-OBJECTIVES = ("paper", "solver")
 TRUSTS = ("alpha", "logsnr")
 MSE_MODES = ("paper", "fit")
-SOLVER_NAMES = ("ddim", "dpmsolver1", "dpmsolver2", "dpmsolver3", "dpmpp_2m", "pndm", "plms", "deis")
 _EDGE = 1e-6  # bounds touching 0 or 1 stay inside by this fraction of the distance
 _MAX_BLOCKS_ALL = 24  # try every contiguous block of steps up to this many steps
 
 MSEFn = Callable[[Tensor], Tensor]
-
-
-def _solver_names() -> tuple[str, ...]:
-    try:  # the solver module is the authority when present
-        from . import solvers
-
-        names = getattr(solvers, "SOLVERS", None) or getattr(solvers, "SOLVER_NAMES", None)
-        return tuple(names) if names else SOLVER_NAMES
-    except ImportError:
-        return SOLVER_NAMES
 
 
 @dataclass(frozen=True)
@@ -131,8 +119,8 @@ class OptimizeSettings:
         for name, allowed in (("objective", OBJECTIVES), ("mse_mode", MSE_MODES), ("trust", TRUSTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}.")
-        if self.solver not in _solver_names():
-            raise ValueError(f"Unknown solver {self.solver!r}; allowed: {', '.join(_solver_names())}.")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"Unknown solver {self.solver!r}; allowed: {', '.join(SOLVERS)}.")
         if not isinstance(self.pin_start, bool):
             raise ValueError(f"pin_start must be True or False; got {self.pin_start!r}.")
         if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
@@ -206,8 +194,6 @@ def _cpe_batch(alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings, exa
         s = alpha_bar_to_sigma(alpha_bar)
         ds = torch.diff(s, dim=-1, prepend=torch.zeros_like(s[..., :1]))
         return (ds**2 * mse_fn(alpha_bar)).sum(-1)
-    from .variance import cpe_solver  # lazily: the solver-aware objective
-
     return torch.stack([cpe_solver(row, mse_fn, settings.solver) for row in alpha_bar.unbind(0)])
 
 
