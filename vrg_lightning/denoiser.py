@@ -32,7 +32,7 @@ DIGITS_UNET: dict[str, Any] = {
     "sample_size": 16,
     "in_channels": 1,
     "out_channels": 1,
-    "block_out_channels": [32, 64, 64],
+    "block_out_channels": [16, 32, 64],
     "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
     "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
     "layers_per_block": 1,
@@ -91,9 +91,11 @@ class Denoiser(nn.Module):
             cfg = plain_config(DIGITS_UNET if unet_config is None else unet_config)
             cfg["num_class_embeds"] = None if num_classes is None else num_classes + 1
             unet = UNet2DModel(**cfg)
-        elif num_classes is not None and getattr(unet.config, "num_class_embeds", None) != num_classes + 1:
-            raise ValueError(f"unet.config.num_class_embeds must be num_classes + 1 = {num_classes + 1}; "
-                             f"got {getattr(unet.config, 'num_class_embeds', None)!r}.")
+        else:
+            embeds = getattr(unet.config, "num_class_embeds", None)
+            if embeds != (None if num_classes is None else num_classes + 1):
+                raise ValueError(f"unet.config.num_class_embeds={embeds!r} does not fit num_classes={num_classes!r}; "
+                                 "it must be num_classes + 1 (the last label is the null label), or None.")
         self.unet = unet
         self.schedule = schedule or NoiseSchedule()
         self.prediction_type = prediction_type
@@ -140,12 +142,13 @@ class Denoiser(nn.Module):
             alpha_bar: ᾱ, a 0-d tensor (whole batch) or ``[B]``.
             class_labels: ``[B]`` integer labels; ``None`` means the null label for conditional models.
         """
-        ab = torch.as_tensor(alpha_bar, dtype=torch.float64, device=x.device)
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64)  # t is computed where ᾱ lives (CPU: no GPU sync)
         if ab.ndim > 1 or (ab.ndim == 1 and ab.numel() != x.shape[0]):
             raise ValueError(f"alpha_bar must be 0-d or of shape [{x.shape[0]}]; got shape {tuple(ab.shape)}.")
-        t = self.schedule.alpha_bar_to_t(ab.reshape(-1)).reshape(ab.shape)
+        t = self.schedule.alpha_bar_to_t(ab.reshape(-1)).reshape(ab.shape).to(x.device, non_blocking=True)
         out = self.model_output(x, t, class_labels)
         if self.prediction_type == "v_prediction":
+            ab = ab.to(x.device, non_blocking=True)
             shape = (-1,) + (1,) * (x.ndim - 1)
             a = ab.reshape(shape) if ab.ndim else ab
             out = (a.sqrt() * out.double() + (1 - a).sqrt() * x.double())

@@ -1,0 +1,227 @@
+"""``DiffusionModule``: DDPM training of a :class:`~vrg_lightning.denoiser.Denoiser` with EMA, following the
+VRG protocol so :class:`~vrg_lightning.callbacks.VRGProfiler` can measure the error profile for free.
+
+VRG protocol (any LightningModule can follow it)
+------------------------------------------------
+``training_step`` returns a dict with
+
+==================  ============================================================================================
+key                 value
+==================  ============================================================================================
+``loss``            the scalar training loss (as usual)
+``vrg_alpha_bar``   ``[B]`` float tensor: ᾱ of each sample's noise level
+``vrg_error``       ``[B, ...]`` float tensor, **detached**: ε̂ - ε, the noise-prediction error *in ε-space*
+                    (a v-prediction model converts: ε̂ = √ᾱ v̂ + √(1-ᾱ) x_t), from the forward pass that made the loss
+==================  ============================================================================================
+
+and the module exposes ``vrg_schedule`` (a :class:`~vrg_lightning.schedule.NoiseSchedule`), and for probe mode
+``vrg_denoiser() -> callable(x, alpha_bar[B], class_labels) -> ε̂`` (the weights to profile, e.g. EMA).
+
+Training (Ho et al. 2020): for each image an **integer** timestep ``t ~ U{0, …, T-1}`` and ε ~ N(0, I);
+``x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε``; the UNet gets the float timestep ``t``; loss = mean squared error against ε
+(``epsilon``) or v = √ᾱ ε - √(1-ᾱ) x_0 (``v_prediction``). With ``num_classes``, labels are replaced by the null
+label with probability ``label_dropout`` (classifier-free guidance), so free-mode statistics mix conditional and
+unconditional predictions in that proportion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .checkpoint import VRG_FORMAT, VRG_KEY, VRG_VERSION, check_same_schedule, model_section
+from .denoiser import DIGITS_UNET, Denoiser
+from .schedule import NoiseSchedule
+
+__all__ = ["DiffusionModule", "split_batch"]
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(images, labels | None)`` from a batch that is a tensor, ``(x,)`` or ``(x, y, ...)``."""
+    if torch.is_tensor(batch):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
+        y = batch[1] if len(batch) > 1 and torch.is_tensor(batch[1]) else None
+        return batch[0], y
+    raise ValueError(f"Batches must be an image tensor or (images, labels); got {type(batch).__name__}.")
+
+
+class DiffusionModule(pl.LightningModule):
+    """DDPM training of a ``UNet2DModel`` (ε- or v-prediction), AdamW with linear warm-up, EMA weights.
+
+    Args:
+        unet: ``UNet2DModel`` keyword arguments (default: the 16×16×1 digits UNet, ``denoiser.DIGITS_UNET``).
+        beta_schedule, num_train_timesteps, beta_start, beta_end: the noise schedule (diffusers names).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        num_classes: class conditioning with this many classes (``None``: unconditional).
+        label_dropout: probability of the null label during training (classifier-free guidance).
+        lr, weight_decay, warmup_steps: AdamW and the linear warm-up of the learning rate.
+        ema_decay: EMA decay per optimizer step (``AveragedModel`` + ``get_ema_multi_avg_fn``).
+        sample_every_n_epochs: log a grid of EMA samples to TensorBoard every k epochs (0: never).
+        num_sample_images, sample_solver, sample_base, sample_steps, sample_seed, guidance_scale: that grid.
+    """
+
+    def __init__(
+        self,
+        unet: dict[str, Any] | None = None,
+        beta_schedule: str = "linear",
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
+        num_classes: int | None = None,
+        label_dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        ema_decay: float = 0.999,
+        sample_every_n_epochs: int = 0,
+        num_sample_images: int = 64,
+        sample_solver: str = "ddim",
+        sample_base: str = "time_uniform",
+        sample_steps: int = 20,
+        sample_seed: int = 0,
+        guidance_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1); got {label_dropout!r}.")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay!r}.")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive; got {lr!r}.")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}.")
+        if isinstance(sample_every_n_epochs, bool) or not isinstance(sample_every_n_epochs, int) \
+                or sample_every_n_epochs < 0:
+            raise ValueError(f"sample_every_n_epochs must be an integer >= 0; got {sample_every_n_epochs!r}.")
+        self.save_hyperparameters()
+        self.schedule = NoiseSchedule(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        self.model = Denoiser(dict(DIGITS_UNET) if unet is None else unet, self.schedule, prediction_type, num_classes)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod, persistent=False)
+        self._ema_step = -1
+
+    # --- VRG protocol ---------------------------------------------------------------------------------------------
+    @property
+    def vrg_schedule(self) -> NoiseSchedule:
+        return self.schedule
+
+    @property
+    def vrg_prediction_type(self) -> str:
+        return self.model.prediction_type
+
+    def vrg_denoiser(self) -> Denoiser:
+        """The EMA denoiser (what sampling uses), for probe-mode profiling."""
+        return self.ema.module
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def draw_noise(self, x0: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        """Integer timesteps ``t ~ U{0..T-1}`` ``[B]`` and noise ε ``[B, ...]`` (override for deterministic noise)."""
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        return t, torch.randn_like(x0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x0, y = split_batch(batch)
+        t, eps = self.draw_noise(x0, batch)
+        ab = self.alphas_cumprod[t]  # float64 [B]
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        a, s = ab.sqrt().to(x0.dtype).view(shape), (1 - ab).sqrt().to(x0.dtype).view(shape)
+        xt = a * x0 + s * eps
+        labels = None
+        if self.model.num_classes is not None:
+            if y is None:
+                raise ValueError("num_classes is set but the batches carry no labels; use a labelled datamodule.")
+            drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
+            labels = torch.where(drop, torch.full_like(y, self.model.num_classes), y.long())
+        out = self.model.model_output(xt, t.to(x0.dtype), labels)
+        if self.model.prediction_type == "epsilon":
+            loss = F.mse_loss(out, eps)
+            eps_hat = out
+        else:
+            loss = F.mse_loss(out, a * eps - s * x0)
+            eps_hat = a * out + s * xt
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        return {"loss": loss, "vrg_alpha_bar": ab.detach(), "vrg_error": (eps_hat - eps).detach()}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step != self._ema_step:  # once per optimizer step (gradient accumulation safe)
+            self._ema_step = self.global_step
+            self.ema.update_parameters(self.model)
+        opt = self.optimizers(use_pl_optimizer=False)
+        self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warm = max(1, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- sample grids ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, num: int, seed: int = 0, use_ema: bool = True) -> Tensor:
+        """``num`` samples in [-1, 1] with ``sample_solver`` over ``make_trajectory(sample_base, sample_steps)``.
+
+        Class-conditional models cycle through the classes (with ``guidance_scale``).
+        """
+        from .solvers import sample
+        from .trajectories import make_trajectory
+
+        hp = self.hparams
+        den = self.ema.module if use_ema else self.model
+        cfg = den.unet.config
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(num, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(self.device)
+        labels = None
+        if den.num_classes is not None:
+            labels = torch.arange(num, device=self.device) % den.num_classes
+        ab = make_trajectory(self.schedule, hp.sample_base, hp.sample_steps).to(self.device)
+        was_training = den.training
+        den.eval()
+        try:
+            out = sample(hp.sample_solver, den.eps_fn(labels, hp.guidance_scale), x, ab)
+        finally:
+            den.train(was_training)
+        return out.clamp(-1, 1)
+
+    def on_train_epoch_end(self) -> None:
+        k = self.hparams.sample_every_n_epochs
+        if k and (self.current_epoch + 1) % k == 0 and self.trainer.is_global_zero:
+            self._log_grid(f"samples/{self.hparams.sample_solver}_{self.hparams.sample_steps}")
+
+    def _log_grid(self, tag: str) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_image"):
+            return
+        imgs = (self.generate(self.hparams.num_sample_images, self.hparams.sample_seed).float().cpu() + 1) / 2
+        exp.add_image(tag, image_grid(imgs), self.global_step)
+
+    # --- checkpoint -----------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        vrg = checkpoint.setdefault(VRG_KEY, {"format": VRG_FORMAT, "version": VRG_VERSION})
+        vrg["model"] = model_section(self.model.config(), "model.", "ema.module.")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        model = (checkpoint.get(VRG_KEY) or {}).get("model") or {}
+        stored = (model.get("denoiser") or {}).get("schedule")
+        if stored is not None:
+            check_same_schedule(stored, self.schedule, "checkpoint being loaded")
+
+
+def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:
+    """Tile ``[N, C, H, W]`` images (values in [0, 1]) into one ``[C, H', W']`` grid (nrow ≈ √N)."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(round(n**0.5)))
+    rows = (n + nrow - 1) // nrow
+    grid = images.new_ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    return grid
