@@ -137,7 +137,7 @@ def generate(
             raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}.")
     param = next(denoiser.parameters())
     dev = torch.device(device) if device is not None else param.device
-    ab = validate_trajectory(alpha_bar).to(dev)
+    ab = validate_trajectory(alpha_bar).cpu()  # CPU coefficients and timesteps: no GPU sync per step
     shape = image_shape(denoiser)
     out = []
     for a in tqdm(range(start, start + num_samples, batch_size), desc=f"sampling {solver}", disable=not progress,
