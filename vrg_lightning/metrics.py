@@ -12,8 +12,10 @@ Feature extractors (each has a ``name`` that every FID number carries, e.g. ``FI
 - ``"pixels"``: the raw pixels, flattened; fixed to one image shape.
 - any ``nn.Module`` mapping images to ``[N, d]`` (torchmetrics' int-or-Module style).
 
-FID itself is torchmetrics' :class:`~torchmetrics.image.fid.FrechetInceptionDistance`: float64 sum states that
-reduce by summation across ranks, so a DDP run gives the statistic of the union of all ranks' images.
+Feature statistics are float64 sums (``n``, ``Σf``, ``Σffᵀ``). In a distributed job they are the states of
+torchmetrics' :class:`~torchmetrics.image.fid.FrechetInceptionDistance` (:func:`make_fid_metric`), summed across
+ranks (:func:`synced_fake_stats`), so a DDP run gives the statistic of the union of all ranks' images. The distance
+is computed in float64 from the statistics (:func:`frechet_distance`, same value as torchmetrics' formula).
 Reference statistics of real data are computed once and cached on disk, keyed by dataset, extractor and a hash of
 the extractor's weights.
 """
