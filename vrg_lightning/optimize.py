@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,7 @@ TRUSTS = ("alpha", "logsnr")
 MSE_MODES = ("paper", "fit")
 _EDGE = 1e-6  # bounds touching 0 or 1 stay inside by this fraction of the distance
 _MAX_BLOCKS_ALL = 24  # try every contiguous block of steps up to this many steps
+_MAX_KINKS = 256  # a polish line search looks at the kinks nearest to the current point, at most this many
 
 MSEFn = Callable[[Tensor], Tensor]
 
@@ -161,7 +162,6 @@ class OptimizeResult:
     iterations: int
     loss_before: float = math.nan
     evaluations: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only: lists of floats, numbers, strings, the settings as a dict."""
@@ -215,17 +215,17 @@ def trajectory_loss(
 
 
 def _knots(mse_fn: MSEFn) -> np.ndarray:
-    """ᾱ values where ``mse_fn`` may have a kink (table rows of the known interpolants), inside (0, 1)."""
+    """ᾱ values where ``mse_fn`` has a kink, inside (0, 1): every row of a piecewise-linear table, only the two ends
+    of a PCHIP fit (C¹ inside, constant beyond), an optional ``knots`` attribute of other callables."""
     from .profile import PchipLogMSE, PiecewiseLinearMSE
 
     if isinstance(mse_fn, PiecewiseLinearMSE):
         k = mse_fn.alpha_bar.numpy()
     elif isinstance(mse_fn, PchipLogMSE):
-        k = torch.sigmoid(mse_fn.lam).numpy()
+        k = torch.sigmoid(mse_fn.lam[[0, -1]]).numpy()
     else:
         k = np.asarray(getattr(mse_fn, "knots", []), dtype=np.float64)
-    k = np.unique(k[(k > 0) & (k < 1)])
-    return k
+    return np.unique(k[(k > 0) & (k < 1)])
 
 
 def _numpy_mse(mse_fn: MSEFn) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
@@ -234,13 +234,13 @@ def _numpy_mse(mse_fn: MSEFn) -> Callable[[np.ndarray], tuple[np.ndarray, np.nda
 
     if isinstance(mse_fn, PiecewiseLinearMSE) and mse_fn.alpha_bar.numel() >= 2:
         xp, fp = mse_fn.alpha_bar.numpy(), mse_fn.mse.numpy()
+        width = np.diff(xp)  # zero-width segments (duplicate rows) take the left value, as PiecewiseLinearMSE
+        slopes = np.concatenate([[0.0], np.where(width > 0, np.diff(fp) / np.where(width > 0, width, 1.0), 0.0)])
 
         def linear(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             xc = np.clip(x, xp[0], xp[-1])
             i = np.clip(np.searchsorted(xp, xc), 1, xp.size - 1)
-            width = xp[i] - xp[i - 1]  # zero-width segments (duplicate rows) take the left value, as PiecewiseLinearMSE
-            slope = np.where(width > 0, (fp[i] - fp[i - 1]) / np.where(width > 0, width, 1.0), 0.0)
-            return fp[i - 1] + (xc - xp[i - 1]) * slope, np.where(xc == x, slope, 0.0)
+            return fp[i - 1] + (xc - xp[i - 1]) * slopes[i], np.where(xc == x, slopes[i], 0.0)
 
         return linear
     if isinstance(mse_fn, PchipLogMSE) and mse_fn.lam.numel() >= 2:
@@ -360,6 +360,18 @@ class _Problem:
             return f, np.cumsum((g * ab)[:, ::-1], -1)[:, ::-1]
         return f, g * ab * (1 - ab)
 
+    def _np_window(self, ys: np.ndarray, a: int, b: int) -> np.ndarray:
+        """The loss terms of steps ``a..b`` (and the penalty if ``b`` is the last step) of each row of ``ys``."""
+        lo = max(a - 1, 0)
+        ab = self._np_ab(ys[:, : b + 1])[:, lo:] if self.alpha else self._np_ab(ys[:, lo : b + 1])  # steps lo..b
+        s = np.sqrt((1 - ab) / ab)
+        ds = np.diff(s, axis=-1, prepend=0.0) if a == 0 else np.diff(s, axis=-1)
+        f = (ds**2 * self.np_mse(ab[:, a - lo :])[0]).sum(-1)  # type: ignore[misc]
+        if b == self.n - 1 and not self.pinned:
+            f = f + self.s.reg_lambda * (ab[:, -1] - float(self.ab0[-1])) ** 2
+        self.evals += ys.shape[0]
+        return f
+
     def losses(self, ys: np.ndarray) -> np.ndarray:
         if self.np_mse is not None:
             with np.errstate(all="ignore"):
@@ -390,7 +402,7 @@ class _Problem:
         else:
             r = minimize(self.value_and_grad, y, jac=True, method="L-BFGS-B",
                          bounds=list(zip(self.lo, self.hi, strict=True)),
-                         options={"maxiter": 2000, "maxcor": 10, "ftol": 1e-16, "gtol": 1e-14})
+                         options={"maxiter": 2000, "maxcor": 10, "ftol": 1e-12, "gtol": 1e-14})
             x = np.clip(r.x, self.lo, self.hi)
         fx = float(self.losses(x[None])[0])
         return (x, fx) if fx < f else (y, f)
@@ -536,25 +548,37 @@ class _Problem:
         zb = self.z(y)[block[0] : block[1] + 1]
         kinks = (self.knots_z[None, :] - zb[:, None]).ravel()
         kinks = kinks[(kinks > t_lo) & (kinks < t_hi)]
-        if self.light:  # the 12 kinks nearest to the current point
-            kinks = kinks[np.argsort(np.abs(kinks), kind="stable")[:12]]
+        if kinks.size > (cap := 12 if self.light else _MAX_KINKS):  # the kinks nearest to the current point
+            kinks = kinks[np.argsort(np.abs(kinks), kind="stable")[:cap]]
         br = np.unique(np.concatenate([[t_lo, 0.0, t_hi], kinks, np.linspace(t_lo, t_hi, 5)]))
         w = br[1:] - br[:-1]
+        window = (block[0], min(block[1] + 1, self.n - 1))  # the only terms a block move changes
+        if self.np_mse is not None:
+            offset = f - float(self._np_window(y[None], *window)[0])
+
+            def along(t: np.ndarray) -> np.ndarray:
+                with np.errstate(all="ignore"):
+                    v = offset + self._np_window(self._move(y, block, t), *window)
+                return np.where(np.isfinite(v), v, np.inf)
+        else:
+
+            def along(t: np.ndarray) -> np.ndarray:
+                return self.losses(self._move(y, block, t))
+
         if self.light:
             cand = np.concatenate([br, br[:-1] + w / 2])
-            allv = self.losses(self._move(y, block, cand))
+            allv = along(cand)
         else:
             inner = br[:-1, None] + w[:, None] * np.array([0.25, 0.5, 0.75])
-            vals = self.losses(self._move(y, block, np.concatenate([br, inner.ravel()])))
+            vals = along(np.concatenate([br, inner.ravel()]))
             fb, fi = vals[: br.size], vals[br.size :].reshape(-1, 3)
             # vertex of the parabola through the three interior points of each piece (inside the piece)
             curv = fi[:, 0] - 2 * fi[:, 1] + fi[:, 2]
             with np.errstate(all="ignore"):
                 tv = inner[:, 1] + 0.25 * w * (fi[:, 0] - fi[:, 2]) / (2 * curv)
             tv = np.where(curv > 0, np.clip(tv, br[:-1], br[1:]), inner[:, 1])
-            fv = self.losses(self._move(y, block, tv))
             cand = np.concatenate([br, inner.ravel(), tv])
-            allv = np.concatenate([fb, fi.ravel(), fv])
+            allv = np.concatenate([fb, fi.ravel(), along(tv)])
         k = int(np.argmin(allv))
         best_t, best_f = float(cand[k]), float(allv[k])
         # zoom into the neighbourhood of the best point with a batched grid (the piece is smooth or kinked there)
@@ -563,15 +587,18 @@ class _Problem:
         for _ in range(self.zoom_rounds):
             half = (c_ - a_) / 2
             grid = np.linspace(max(a_, best_t - half), min(c_, best_t + half), 9 if self.light else 17)
-            gv = self.losses(self._move(y, block, grid))
+            gv = along(grid)
             i = int(np.argmin(gv))
             if gv[i] < best_f:
                 best_t, best_f = float(grid[i]), float(gv[i])
             a_, c_ = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
             if c_ - a_ <= 1e-15 * (1 + abs(best_t)):
                 break
-        if best_f < f:
-            return self._move(y, block, np.array([best_t]))[0], best_f
+        if best_f < f:  # confirm with the full loss (the window sum differs from it by rounding)
+            y_new = self._move(y, block, np.array([best_t]))[0]
+            f_new = float(self.losses(y_new[None])[0])
+            if f_new < f:
+                return y_new, f_new
         return y, f
 
     def polish(self, y: np.ndarray, f: float) -> tuple[np.ndarray, float]:
