@@ -415,6 +415,10 @@ def run_sampling_job(
 
     if (extractor is None) != (reference is None):
         raise ValueError("run_sampling_job needs both extractor and reference for FID, or neither.")
+    strategy = str((trainer_kwargs or {}).get("strategy", "auto"))
+    if "spawn" in strategy:
+        raise ValueError(f"--strategy {strategy} pickles the job, which holds local classes; use --strategy ddp "
+                         "(one process per device, launched as a subprocess) instead.")
     out = Path(out)
     check_manifest(out, job.to_dict())
     ranges = shard_ranges(job.num_samples, job.shard_size)
@@ -476,11 +480,15 @@ def run_sampling_job(
         return report
 
     def _distributed_fid(mine: Sequence[tuple[int, int]], trainer: Any, device: torch.device) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
         from .metrics import make_fid_metric, synced_fake_stats
 
         metric = make_fid_metric(extractor, reference, sync_on_compute=True).to(device)
+        bar = tqdm(mine, desc=f"FID[{extractor.name}] features", disable=not progress or trainer.global_rank != 0,
+                   leave=False)
         with torch.no_grad():
-            for a, b in mine:
+            for a, b in bar:
                 for chunk in load_samples(out, [(a, b)]).split(max(batch_size, 256)):
                     metric.update(chunk.to(device), real=False)
         stats = synced_fake_stats(metric, extractor)
