@@ -367,9 +367,13 @@ def check_manifest(out: str | os.PathLike, identity: Mapping[str, Any], kind: st
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, pad: int = 1) -> None:
-    """Save images in [-1, 1] (``[N, C, H, W]``, C = 1 or 3) as one PNG grid, atomically."""
+    """Save images in [-1, 1] (``[N, C, H, W]``, C = 1 or 3) as one PNG grid, atomically; images smaller than
+    64 pixels are enlarged (nearest neighbour) so the grid can be looked at."""
     from PIL import Image
 
+    scale = max(1, 64 // max(images.shape[-2:]))
+    if scale > 1:
+        images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     n, c, h, w = images.shape
     ncol = min(nrow, n)
     rows = -(-n // ncol)
