@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts_sampling"))
 
-from fixtures import make_checkpoint  # noqa: E402
+from sampling_fixtures import make_checkpoint  # noqa: E402
 
 from vrg_lightning.checkpoint import read_vrg  # noqa: E402
 from vrg_lightning.cli import main  # noqa: E402

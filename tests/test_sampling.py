@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts_sampling"))
 
-from fixtures import make_checkpoint, make_reference, vrg_version  # noqa: E402
+from sampling_fixtures import make_checkpoint, make_reference, vrg_version  # noqa: E402
 
 from vrg_lightning import sampling  # noqa: E402
 from vrg_lightning.checkpoint import load_denoiser  # noqa: E402

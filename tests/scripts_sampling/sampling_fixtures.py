@@ -1,6 +1,6 @@
 """Tiny sampling fixtures: a random-weight digits-shaped UNet checkpoint with a profile and VRG entries.
 
-Importable from tests and runnable as a script: ``python fixtures.py OUT_DIR`` writes ``model.ckpt`` and
+Importable from tests and runnable as a script: ``python sampling_fixtures.py OUT_DIR`` writes ``model.ckpt`` and
 ``reference.pt`` (64 real 16x16 digits in [-1, 1]).
 """
 
