@@ -1,0 +1,278 @@
+"""Sample quality: VRG candidates vs their base, the validated choice on fresh seeds, and why VRG loses.
+
+    python benchmarks/quality.py --ckpt runs/digits/checkpoints/last.ckpt --dataset digits --grid small \\
+        --out runs/quality/digits
+    python benchmarks/quality.py --ckpt runs/patches/checkpoints/last.ckpt --dataset patches --features pixels \\
+        --grid full --out runs/quality/patches
+    python benchmarks/quality.py ... --report         # only print the markdown of the finished cells
+
+Per (solver, steps, base) cell, resumable (one JSON per cell, written atomically; a rerun skips finished cells and
+reuses the cached feature statistics of every (trajectory, seed)):
+
+1. grid: every VRG candidate of :func:`vrg_lightning.tune.make_candidates` (lp x objective x start free/pinned, and
+   the damped + discretisation-aware ``disc`` candidates for DDIM) against the base, paired FID over ``--seeds``
+   (same initial noise per seed), mean difference with its t-interval (``stats.paired_difference``);
+2. validated selection (:func:`vrg_lightning.tune.tune_cell`): screening = the grid seeds, confirmation on
+   ``--confirm-seeds``; then the chosen trajectory vs the base once more on ``--fresh-seeds`` (not used for tuning);
+3. for DDIM-like solvers, ``--analysis``: the measured discretisation error ``E‖x̂₀ - x₀^ref‖²/d`` (vs a 200-step
+   reference from the same noise and the same start ᾱ) of the base and of each candidate, and its prediction.
+
+Grids: ``smoke`` (one 4-step ddim cell, 2 lps; the CI test on a tiny model), ``small`` (ddim, dpmpp_2m; 10 steps; 4
+bases; lp 0.01, 0.1), ``full`` (ddim, dpmsolver2, dpmsolver3, dpmpp_2m, pndm, deis x 10, 20 steps x 4 bases x lp
+0.01, 0.03, 0.1, 0.3 x paper, solver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vrg_lightning.io import atomic_write_json, atomic_write_text
+from vrg_lightning.stats import paired_difference, spearman
+from vrg_lightning.tune import FIDEvaluator, TuneSettings, make_candidates, measure_curvature, median, tune_cell
+
+GRIDS: dict[str, dict[str, Any]] = {
+    "smoke": {"solvers": ("ddim",), "steps": (4,), "bases": ("time_uniform",), "lps": (0.03, 0.1),
+              "objectives": ("paper",)},
+    "small": {"solvers": ("ddim", "dpmpp_2m"), "steps": (10,), "bases": ("time_uniform", "time_quadratic", "logSNR",
+              "karras"), "lps": (0.01, 0.1), "objectives": ("paper", "solver")},
+    "full": {"solvers": ("ddim", "dpmsolver2", "dpmsolver3", "dpmpp_2m", "pndm", "deis"), "steps": (10, 20),
+             "bases": ("time_uniform", "time_quadratic", "logSNR", "karras"), "lps": (0.01, 0.03, 0.1, 0.3),
+             "objectives": ("paper", "solver")},
+}
+
+
+def _csv(text: str | None, cast: type) -> tuple | None:
+    return None if text is None else tuple(cast(v) for v in text.split(",") if v.strip())
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--dataset", default="digits", help="reference images: digits, patches, ...")
+    p.add_argument("--features", default=None, help="digits (1 channel default) or pixels (RGB default)")
+    p.add_argument("--grid", choices=tuple(GRIDS), default="small")
+    p.add_argument("--solvers"), p.add_argument("--steps"), p.add_argument("--bases"), p.add_argument("--lps")
+    p.add_argument("--objectives")
+    p.add_argument("--pin-start", default="both", choices=("free", "pinned", "both"))
+    p.add_argument("--reg-lambda", type=float, default=100.0)
+    p.add_argument("--no-fix", action="store_true")
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--confirm-seeds", default="10,11,12")
+    p.add_argument("--fresh-seeds", default="20,21,22")
+    p.add_argument("--analysis", action="store_true", help="measure discretisation errors (DDIM-like cells)")
+    p.add_argument("--analysis-samples", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="results folder (cells/*.json, stats/, summary.md)")
+    p.add_argument("--report", action="store_true", help="only write/print the summary of finished cells")
+    return p.parse_args(argv)
+
+
+def settings_of(a: argparse.Namespace, channels: int) -> TuneSettings:
+    g = dict(GRIDS[a.grid])
+    for k, cast in (("solvers", str), ("steps", int), ("bases", str), ("lps", float), ("objectives", str)):
+        v = _csv(getattr(a, k), cast)
+        if v:
+            g[k] = v
+    return TuneSettings(**g, pin_start=a.pin_start, reg_lambda=a.reg_lambda, fix=not a.no_fix,
+                        num_samples=a.num_samples, screen_seeds=_csv(a.seeds, int),
+                        confirm_seeds=_csv(a.confirm_seeds, int),
+                        features=a.features or ("digits" if channels == 1 else "pixels"), batch_size=a.batch_size,
+                        curvature_samples=32, curvature_steps=100)
+
+
+def analysis(denoiser: Any, solver: str, cands: list, curvature: Any, mse_fn: Any, n: int) -> list[dict[str, Any]]:
+    """Measured vs predicted error of each candidate (DDIM-like): discretisation vs a 200-step reference from the
+    candidate's own start, and the start ᾱ."""
+    from vrg_lightning.discretization import damped_cpe, disc_error, discretization_error, reference_trajectory
+    from vrg_lightning.sampling import image_shape, initial_noise
+    from vrg_lightning.variance import cpe_paper
+
+    x, _ = initial_noise(999, 0, n, image_shape(denoiser))
+    eps = denoiser.eps_fn(None)
+    rows = []
+    for c in cands:
+        ab = c.tensor
+        ref = reference_trajectory(ab, 200)
+        with torch.no_grad():
+            rows.append({"label": c.label, "start_alpha_bar": float(ab[-1]),
+                         "disc_measured": discretization_error(eps, x, ab, solver, ref),
+                         "disc_coherent": float(disc_error(ab, curvature, "coherent")),
+                         "disc_independent": float(disc_error(ab, curvature, "independent")),
+                         "cpe_paper": float(cpe_paper(ab, mse_fn)),
+                         "cpe_damped": float(damped_cpe(ab, mse_fn, curvature.data_var))})
+    return rows
+
+
+def run_cell(ev: FIDEvaluator, den: Any, schedule: Any, profile: Any, st: TuneSettings, solver: str, steps: int,
+             base: str, curvature: Any, fresh: tuple[int, ...], do_analysis: bool, analysis_n: int,
+             cache: dict) -> dict[str, Any]:
+    from vrg_lightning.discretization import DISC_SOLVERS
+
+    t0, nfe0 = time.perf_counter(), ev.nfe
+    cands = make_candidates(schedule, profile, solver, steps, base, st, curvature, cache)
+    chosen, rec = tune_cell(ev, solver, cands, st)
+    out: dict[str, Any] = {"solver": solver, "steps": steps, "base": base, "validated": rec, "chosen": chosen.label}
+    fb = ev.fids(solver, cands[0].alpha_bar, st.screen_seeds)
+    rows = []
+    for c in cands[1:]:
+        fc = ev.fids(solver, c.alpha_bar, st.screen_seeds)
+        d = paired_difference(fb, fc, st.confidence)
+        cb, ca = c.info.get("cpe_before"), c.info.get("cpe_after")
+        rows.append({"label": c.label, "kind": c.kind, "objective": c.info.get("objective"), "lp": c.info.get("lp"),
+                     "pin_start": c.info.get("pin_start"), "fid_base": fb, "fid": fc, "diff": d.to_dict(),
+                     "cpe_before": cb, "cpe_after": ca,
+                     "start_move": float(c.alpha_bar[-1] / cands[0].alpha_bar[-1] - 1)})
+    out["rows"] = rows
+    if chosen.kind == "base":  # the tuned trajectory is the base: identical samples on any seed
+        out["fresh"] = {"seeds": list(fresh), "fid_base": None, "fid_tuned": None,
+                        "diff": {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "relative": 0.0, "n": len(fresh)}}
+    else:
+        fbf, ftf = ev.fids(solver, cands[0].alpha_bar, fresh), ev.fids(solver, chosen.alpha_bar, fresh)
+        out["fresh"] = {"seeds": list(fresh), "fid_base": fbf, "fid_tuned": ftf,
+                        "diff": paired_difference(fbf, ftf, st.confidence).to_dict()}
+    if do_analysis and solver in DISC_SOLVERS and curvature is not None:
+        out["analysis"] = analysis(den, solver, cands, curvature, profile.mse_function(st.mse_mode), analysis_n)
+    out["seconds"], out["image_evaluations"] = time.perf_counter() - t0, ev.nfe - nfe0
+    return out
+
+
+def _f(x: float | None, d: int = 2) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+
+def summary(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown: per cell the base FID, the best grid candidate, the tuned choice on fresh seeds; all grid rows;
+    Spearman(cpe reduction, FID change); medians."""
+    lines = [f"Checkpoint `{meta.get('ckpt')}`, dataset `{meta.get('dataset')}`, features `{meta.get('features')}`, "
+             f"{meta.get('num_samples')} images per FID, grid seeds {meta.get('seeds')}, confirmation seeds "
+             f"{meta.get('confirm_seeds')}, fresh seeds {meta.get('fresh_seeds')}.", "",
+             "| solver | steps | base | FID base | best candidate | Δ best (95% CI) | tuned choice | Δ tuned on fresh "
+             "seeds (95% CI) | relative |", "|---|---:|---|---:|---|---|---|---|---:|"]
+    rel_by_steps: dict[int, list[float]] = {}
+    x, y = [], []
+    for c in cells:
+        rows = c["rows"]
+        fb = sum(c["validated"]["fid_base_screen"]) / len(c["validated"]["fid_base_screen"])
+        best = min(rows, key=lambda r: r["diff"]["mean"]) if rows else None
+        fr = c["fresh"]["diff"]
+        rel_by_steps.setdefault(int(c["steps"]), []).append(-fr["relative"])
+        lines.append(f"| {c['solver']} | {c['steps']} | {c['base']} | {_f(fb)} | {best['label'] if best else '—'} | "
+                     f"{_f(best['diff']['mean']) if best else '—'} [{_f(best['diff']['ci_low']) if best else ''}, "
+                     f"{_f(best['diff']['ci_high']) if best else ''}] | {c['chosen']} | {_f(fr['mean'])} "
+                     f"[{_f(fr['ci_low'])}, {_f(fr['ci_high'])}] | {_f(100 * fr['relative'], 1)}% |")
+        for r in rows:
+            if r["cpe_before"] and r["cpe_after"] is not None and r["kind"] == "vrg":
+                x.append(r["cpe_after"] / r["cpe_before"] - 1)
+                y.append(r["diff"]["relative"])
+    lines += ["", "Median relative FID reduction of the tuned choice on fresh seeds: " + ", ".join(
+        f"{n} steps {100 * median(v):.1f}% over {len(v)} cells" for n, v in sorted(rel_by_steps.items())) + "."]
+    rho, p = spearman(x, y)
+    lines += [f"Spearman over all VRG grid rows ({len(x)}) between relative cpe change and relative FID change: "
+              f"ρ = {_f(rho, 3)} (p = {_f(p, 3)}).", "", "All grid rows (Δ = FID_candidate − FID_base, mean over "
+              "paired seeds, 95% t-interval; start = relative change of the noisiest ᾱ):", "",
+              "| cell | candidate | Δ | 95% CI | relative | cpe change | start |", "|---|---|---:|---|---:|---:|---:|"]
+    for c in cells:
+        for r in c["rows"]:
+            d = r["diff"]
+            cpe = (r["cpe_after"] / r["cpe_before"] - 1) if r["cpe_before"] else None
+            lines.append(f"| {c['solver']}/{c['steps']}/{c['base']} | {r['label']} | {_f(d['mean'])} | "
+                         f"[{_f(d['ci_low'])}, {_f(d['ci_high'])}] | {_f(100 * d['relative'], 1)}% | "
+                         f"{_f(None if cpe is None else 100 * cpe, 1)}% | {_f(100 * r['start_move'], 1)}% |")
+    an = [c for c in cells if c.get("analysis")]
+    if an:
+        lines += ["", "Discretisation error (measured vs a 200-step reference from the same noise and start; "
+                  "predictions from G(λ)):", "", "| cell | trajectory | start ᾱ | measured | coherent | independent | "
+                  "cpe paper | cpe damped |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for c in an:
+            for r in c["analysis"]:
+                lines.append(f"| {c['solver']}/{c['steps']}/{c['base']} | {r['label']} | {r['start_alpha_bar']:.3g} | "
+                             f"{r['disc_measured']:.4g} | {r['disc_coherent']:.4g} | {r['disc_independent']:.4g} | "
+                             f"{r['cpe_paper']:.4g} | {r['cpe_damped']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def gaussianity_md(profile: Any, every: int = 10) -> str:
+    g = profile.gaussianity()
+    lines = ["| λ | ᾱ | MSE | mean | skewness | excess kurtosis |", "|---:|---:|---:|---:|---:|---:|"]
+    for i in range(0, len(g["lambda"]), every):
+        lines.append(f"| {g['lambda'][i]:.2f} | {g['alpha_bar'][i]:.3g} | {g['mse'][i]:.3g} | {g['mean'][i]:.2g} | "
+                     f"{g.get('skewness', [math.nan] * (i + 1))[i]:.2f} | "
+                     f"{g.get('excess_kurtosis', [math.nan] * (i + 1))[i]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vrg_lightning.checkpoint import load_denoiser
+    from vrg_lightning.metrics import build_features
+    from vrg_lightning.profile import ErrorProfile
+    from vrg_lightning.sampling import image_shape
+    from vrg_lightning.tune import reference_for
+
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    den, vrg = load_denoiser(a.ckpt)
+    if vrg is None:
+        raise SystemExit(f"{a.ckpt} has no vrg section (error profile); train with VRGProfiler or run vrg profile.")
+    shape = image_shape(den)
+    st = settings_of(a, shape[0])
+    fresh = _csv(a.fresh_seeds, int)
+    if set(fresh) & (set(st.screen_seeds) | set(st.confirm_seeds)):
+        raise SystemExit("--fresh-seeds must differ from --seeds and --confirm-seeds.")
+    profile = ErrorProfile.from_dict(vrg["profile"])
+    meta = {"ckpt": a.ckpt, "dataset": a.dataset, "features": st.features, "num_samples": st.num_samples,
+            "seeds": list(st.screen_seeds), "confirm_seeds": list(st.confirm_seeds), "fresh_seeds": list(fresh),
+            "grid": a.grid, "settings": st.to_dict(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+    cell_dir = out / "cells"
+    todo = [(s, n, b) for s in st.solvers for n in st.steps for b in st.bases]
+    if not a.report:
+        ext = build_features(st.features, image_shape=shape)
+        ref = reference_for(a.dataset, ext, shape, cache_dir=out / "ref")
+        ev = FIDEvaluator(den, ext, ref, st.num_samples, batch_size=st.batch_size, cache_dir=out / "stats")
+        curv_path = out / "curvature.json"
+        curvature = None
+        if st.fix or a.analysis:
+            from vrg_lightning.discretization import Curvature
+
+            if curv_path.is_file():
+                curvature = Curvature.from_dict(json.loads(curv_path.read_text()))
+            else:
+                t = time.perf_counter()
+                curvature = measure_curvature(den, st)
+                atomic_write_json(curv_path, {**curvature.to_dict(), "seconds": time.perf_counter() - t})
+        cache: dict = {}
+        for s, n, b in todo:
+            path = cell_dir / f"{s}-{n}-{b}.json"
+            if path.is_file():
+                continue
+            res = run_cell(ev, den, den.schedule, profile, st, s, n, b, curvature, fresh, a.analysis,
+                           a.analysis_samples, cache)
+            res["meta"] = meta
+            atomic_write_json(path, res)
+            print(f"{s}/{n}/{b}: {res['seconds']:.1f} s, {res['image_evaluations']} image-NFE, chosen {res['chosen']}"
+                  f", fresh Δ {res['fresh']['diff']['mean']:.3f}", flush=True)
+    cells = [json.loads((cell_dir / f"{s}-{n}-{b}.json").read_text()) for s, n, b in todo
+             if (cell_dir / f"{s}-{n}-{b}.json").is_file()]
+    md = summary(cells, meta) + "\nGaussianity of the per-bin error (every 10th bin):\n\n" + gaussianity_md(profile)
+    atomic_write_text(out / "summary.md", md)
+    print(md)
+    print(f"{len(cells)}/{len(todo)} cells done; results in {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
