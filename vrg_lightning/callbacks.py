@@ -215,6 +215,11 @@ class VRGProfiler(Callback):
         log_every_n_epochs: log MSE/Gaussianity figures of the free profile every k epochs (0: never).
         resave_last: at fit end, re-save ``ModelCheckpoint.last_model_path`` with the fit-end profile and entries.
         name: distinguishes several instances in a checkpoint (``state_key``).
+        tune_at_fit_end: at fit end, replace the entries of every (solver, steps, base) by the paired-FID validated
+            choice (:func:`vrg_lightning.tune.tune_vrg`, the function behind ``vrg tune``) on global rank 0,
+            broadcast to the others; reference statistics come from ``tune_reference_samples`` probe images.
+        tune_settings: :class:`~vrg_lightning.tune.TuneSettings` fields (solvers/steps/bases default to the ones
+            above).
     """
 
     def __init__(
@@ -241,6 +246,9 @@ class VRGProfiler(Callback):
         log_every_n_epochs: int = 1,
         resave_last: bool = True,
         name: str = "vrg",
+        tune_at_fit_end: bool = False,
+        tune_settings: dict[str, Any] | None = None,
+        tune_reference_samples: int = 2000,
     ) -> None:
         from .optimize import OptimizeSettings
         from .trajectories import BASES
@@ -269,6 +277,14 @@ class VRGProfiler(Callback):
                     "trust": trust, "mse_mode": mse_mode, "pin_start": bool(pin_start)}
         self.optimize_on_save, self.log_every, self.resave_last, self.name = (
             optimize_on_save, log_every_n_epochs, resave_last, name)
+        self.tune_settings = None
+        if tune_at_fit_end:
+            from .tune import TuneSettings
+
+            base = {"solvers": tuple(solvers), "steps": tuple(int(n) for n in steps), "bases": tuple(bases)}
+            self.tune_settings = TuneSettings.from_dict({**base, **dict(tune_settings or {})})
+        self.tune_reference_samples = int(tune_reference_samples)
+        self._tune_extra: dict[str, Any] = {}
         self.schedule: NoiseSchedule | None = None
         self.edges: Tensor | None = None
         self.sums: Tensor | None = None  # [7, bins] local free-mode sums (device)
@@ -419,7 +435,7 @@ class VRGProfiler(Callback):
         entries = self._entries(profile, trainer) if optimize else []
         return build_vrg_state(self.schedule, profile, entries,
                                prediction_type=str(getattr(pl_module, "vrg_prediction_type", "epsilon")),
-                               extra={"profiler": self._settings(trainer, profile)})
+                               extra={"profiler": self._settings(trainer, profile), **self._tune_extra})
 
     def _settings(self, trainer: Trainer, profile: ErrorProfile) -> dict[str, Any]:
         return {"profile_source": profile.source, "step": trainer.global_step, "free": self.free,
@@ -486,6 +502,8 @@ class VRGProfiler(Callback):
             self._log_profile(trainer, self.run_probe(trainer, pl_module))
         elif self.free:
             self._log_profile(trainer, self.free_profile(trainer))
+        if self.tune_settings is not None:
+            self.run_tune(trainer, pl_module)
         if self.resave_last:
             path = _last_path(trainer)
             if path:
@@ -494,6 +512,34 @@ class VRGProfiler(Callback):
             else:
                 rank_zero_warn("VRGProfiler: no ModelCheckpoint(save_last=True) to re-save; the fit-end profile "
                                "is only in checkpoints saved from now on (trainer.save_checkpoint(...)).")
+
+    def run_tune(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Validated selection of the current entries (rank 0 samples, every rank gets the result; collective)."""
+        from .metrics import build_features, feature_stats
+        from .sampling import image_shape
+        from .tune import tune_vrg
+
+        state = self.vrg_state(trainer, pl_module, optimize=True)
+        result = None
+        if state is not None and trainer.global_rank == 0:
+            den = pl_module.vrg_denoiser()
+            was = getattr(den, "training", False)
+            den.eval()
+            try:
+                ds = self._probe_dataset(trainer)
+                n = min(len(ds), self.tune_reference_samples)
+                real = torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]).float()
+                ext = build_features(self.tune_settings.features, image_shape=image_shape(den)).to(pl_module.device)
+                ref = feature_stats(real, ext)
+                new = tune_vrg(den, state, self.tune_settings, ext, ref, log=None)
+            finally:
+                if was:
+                    den.train()
+            result = {"entries": new["entries"], "extra": {k: new[k] for k in ("curvature", "tune") if k in new}}
+        result = trainer.strategy.broadcast(result, src=0)
+        if result is not None:
+            self.entries = result["entries"]
+            self._tune_extra = result["extra"]
 
     # --- logging --------------------------------------------------------------------------------------------------
     def _experiment(self, trainer: Trainer) -> Any:

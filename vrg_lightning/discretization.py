@@ -103,7 +103,10 @@ def estimate_curvature(eps_fn: EpsFn, x: Tensor, alpha_bar: Tensor) -> Curvature
     """
     ab = validate_trajectory(alpha_bar, "alpha_bar")
     rec: list[tuple[float, Tensor]] = []
-    out = solver_sample("ddim", eps_fn, x, ab, callback=lambda d: rec.append((float(d["alpha_bar"]), d["eps"].double())))
+    def keep(d: dict[str, Any]) -> None:
+        rec.append((float(d["alpha_bar"]), d["eps"].double()))
+
+    out = solver_sample("ddim", eps_fn, x, ab, callback=keep)
     lam, g2 = [], []
     for (a0, e0), (a1, e1) in zip(rec[:-1], rec[1:], strict=True):  # noisiest first
         s0, s1 = (float(alpha_bar_to_sigma(torch.tensor(a, dtype=torch.float64))) for a in (a0, a1))

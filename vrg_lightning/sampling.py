@@ -245,6 +245,12 @@ def resolve_trajectory(
 
             check_same_schedule(vrg["schedule"], schedule, "checkpoint's vrg section")
         ab = validate_trajectory(e["alpha_bar"], "stored VRG trajectory")
+        val = e.get("validated")
+        if isinstance(val, Mapping) and val.get("selected") is False:  # vrg tune kept the base: alpha_bar is the base
+            import sys
+
+            print(f"vrg: validated tuning kept the base {e.get('base')} for {solver}/{steps} ({val.get('reason')}); "
+                  "sampling the base trajectory.", file=sys.stderr)
         return Trajectory(tuple(ab.tolist()), "vrg", e.get("base"), _entry_summary(e))
     if trajectory in BASES and trajectory != "list":
         if steps is None:

@@ -258,7 +258,8 @@ def tune_cell(evaluator: FIDEvaluator, solver: str, candidates: Sequence[Candida
         fc = evaluator.fids(solver, c.alpha_bar, settings.screen_seeds)
         d = paired_difference(fb, fc, settings.confidence)
         screen.append({"label": c.label, "kind": c.kind, "fid": fc, "paired_diff": d.mean, "ci_low": d.ci_low,
-                       "ci_high": d.ci_high, "relative": d.relative, "cpe_before": c.info.get("cpe_before"), "cpe_after": c.info.get("cpe_after")})
+                       "ci_high": d.ci_high, "relative": d.relative,
+                       "cpe_before": c.info.get("cpe_before"), "cpe_after": c.info.get("cpe_after")})
     record: dict[str, Any] = {
         "selected": False, "num_samples": evaluator.num_samples, "seeds": list(settings.confirm_seeds),
         "screen_seeds": list(settings.screen_seeds), "features": evaluator.extractor.name,

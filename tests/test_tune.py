@@ -1,0 +1,201 @@
+"""Validated selection (vrg tune): settings, candidates, the two-stage decision, the new checkpoint (input untouched,
+plain types), sampling the validated entry, the VRGProfiler option and a smoke run of benchmarks/quality.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts_sampling"))
+
+from sampling_fixtures import make_checkpoint  # noqa: E402
+
+from vrg_lightning.cli import main  # noqa: E402
+from vrg_lightning.discretization import Curvature  # noqa: E402
+from vrg_lightning.profile import ErrorProfile  # noqa: E402
+from vrg_lightning.sampling import resolve_trajectory  # noqa: E402
+from vrg_lightning.schedule import NoiseSchedule  # noqa: E402
+from vrg_lightning.trajectories import make_trajectory  # noqa: E402
+from vrg_lightning.tune import Candidate, TuneSettings, make_candidates, tune_cell  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_settings_validate_and_round_trip() -> None:
+    s = TuneSettings(lps=(0.01, 0.1), screen_seeds=(0, 1), confirm_seeds=(5, 6))
+    assert TuneSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    with pytest.raises(ValueError, match="must be disjoint"):
+        TuneSettings(screen_seeds=(0, 1), confirm_seeds=(1, 2))
+    with pytest.raises(ValueError, match="pin_start must be one of free, pinned, both; got 'x'"):
+        TuneSettings(pin_start="x")
+    with pytest.raises(ValueError, match="solvers must be a non-empty list"):
+        TuneSettings(solvers=("euler",))
+    with pytest.raises(ValueError, match="confirm_seeds needs >= 2"):
+        TuneSettings(confirm_seeds=(7,))
+    with pytest.raises(ValueError, match="lp must be a number strictly between 0 and 1"):
+        TuneSettings(lps=(1.5,))
+
+
+def _profile() -> tuple[NoiseSchedule, ErrorProfile]:
+    sch = NoiseSchedule()
+    ab = sch.alphas_cumprod[::50]
+    return sch, ErrorProfile.from_table(ab, 0.02 + 0.3 * (1 - ab) * ab + 0.05 * ab)
+
+
+def test_candidates_base_first_distinct_and_pinned() -> None:
+    sch, prof = _profile()
+    cur = Curvature((-10.0, 0.0, 10.0), (1e-5, 1e-4, 1e-3), data_var=0.25)
+    st = TuneSettings(lps=(0.03, 0.1), objectives=("paper", "solver"))
+    c = make_candidates(sch, prof, "ddim", 10, "time_quadratic", st, cur)
+    base = make_trajectory(sch, "time_quadratic", 10)
+    assert c[0].kind == "base" and torch.equal(c[0].tensor, base)
+    assert len({x.alpha_bar for x in c}) == len(c)  # no duplicates (ddim: solver objective == paper)
+    assert {x.kind for x in c} == {"base", "vrg", "disc"}
+    for x in c[1:]:
+        if x.info["pin_start"]:
+            assert x.alpha_bar[-1] == float(base[-1])
+    st = TuneSettings(lps=(0.1,), objectives=("paper", "solver"), pin_start="pinned")
+    other = make_candidates(sch, prof, "dpmpp_2m", 5, "time_quadratic", st, cur)
+    assert "disc" not in {x.kind for x in other}  # the Euler error model is DDIM's only
+    assert any(x.info.get("objective") == "solver" for x in other)
+
+
+class FakeEvaluator:
+    """FIDs from a table: fid(label, seed) = table[label][seed]."""
+
+    def __init__(self, table: dict[str, dict[int, float]], labels: dict[tuple, str]) -> None:
+        self.table, self.labels, self.num_samples, self.calls = table, labels, 100, []
+
+        class E:
+            name = "fake"
+
+        self.extractor = E()
+
+    def fids(self, solver, alpha_bar, seeds):
+        lab = self.labels[tuple(alpha_bar)]
+        self.calls.append((lab, tuple(seeds)))
+        return [self.table[lab][s] for s in seeds]
+
+
+def _cands() -> list[Candidate]:
+    return [Candidate("base", "base", (0.9, 0.5, 0.1), {}), Candidate("a", "vrg", (0.9, 0.5, 0.2), {"lp": 0.1}),
+            Candidate("b", "vrg", (0.9, 0.4, 0.1), {"lp": 0.01})]
+
+
+@pytest.mark.parametrize("case", ["selected", "not_confirmed", "none_better"])
+def test_tune_cell_two_stage_decision(case: str) -> None:
+    st = TuneSettings(screen_seeds=(0, 1), confirm_seeds=(5, 6, 7))
+    cands = _cands()
+    labels = {c.alpha_bar: c.label for c in cands}
+    base = {0: 10.0, 1: 11.0, 5: 10.0, 6: 12.0, 7: 11.0}
+    if case == "selected":  # b best on screening and consistently better on the fresh seeds
+        t = {"base": base, "a": {0: 9.9, 1: 10.9}, "b": {0: 9.0, 1: 10.1, 5: 9.0, 6: 11.1, 7: 9.95}}
+    elif case == "not_confirmed":  # b wins the screening, but on fresh seeds its differences straddle 0
+        t = {"base": base, "a": {0: 9.9, 1: 10.9}, "b": {0: 9.0, 1: 10.1, 5: 8.0, 6: 13.0, 7: 11.0}}
+    else:
+        t = {"base": base, "a": {0: 10.5, 1: 11.2}, "b": {0: 10.1, 1: 11.5}}
+    ev = FakeEvaluator(t, labels)
+    chosen, rec = tune_cell(ev, "ddim", cands, st)
+    json.dumps(rec)  # plain types
+    if case == "selected":
+        assert chosen.label == "b" and rec["selected"] is True and rec["ci_high"] < 0
+        assert rec["seeds"] == [5, 6, 7] and rec["candidate"] == "b"
+    else:
+        assert chosen.label == "base" and rec["selected"] is False and "base kept" in rec["reason"]
+    if case == "none_better":  # nothing advanced: no confirmation sampling at all
+        assert all(seeds == (0, 1) for _, seeds in ev.calls)
+    else:  # only the screening winner is confirmed
+        assert {lab for lab, seeds in ev.calls if seeds == (5, 6, 7)} == {"base", "b"}
+
+
+def test_tune_cell_needs_the_base_first() -> None:
+    c = _cands()
+    with pytest.raises(ValueError, match="candidates\\[0\\] must be the base"):
+        tune_cell(FakeEvaluator({}, {}), "ddim", c[1:], TuneSettings())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tune")
+    ckpt = make_checkpoint(d / "model.ckpt")
+    before = _sha(ckpt)
+    out = d / "tuned.ckpt"
+    rc = main(["tune", "--ckpt", str(ckpt), "--out", str(out), "--solvers", "ddim", "--steps", "4", "--bases",
+               "time_uniform", "--lps", "0.1", "--pin-start", "both", "--num-samples", "16", "--seeds", "0,1",
+               "--confirm-seeds", "3,4", "--cache-dir", str(d / "cache"), "--threads", "1"])
+    assert rc == 0
+    assert _sha(ckpt) == before  # the input is never overwritten
+    return {"ckpt": ckpt, "out": out}
+
+
+def test_tuned_checkpoint_holds_plain_validated_entries(tuned: dict[str, Path], capsys) -> None:
+    raw = torch.load(tuned["out"], weights_only=True)
+    vrg = raw["vrg"]
+    cell = [e for e in vrg["entries"] if (e["solver"], e["steps"], e["base"]) == ("ddim", 4, "time_uniform")]
+    assert len(cell) == 1  # one validated entry replaces the cell's stored entries
+    others = [e for e in vrg["entries"] if e not in cell]
+    assert {(e["solver"], e["base"]) for e in others} == {("ddim", "logSNR"), ("dpmpp_2m", "time_uniform")}
+    v = cell[0]["validated"]
+    for k in ("selected", "reason", "fid_base", "fid_candidate", "paired_diff", "ci_low", "ci_high", "num_samples",
+              "seeds", "features"):
+        assert k in v
+    assert v["num_samples"] == 16 and v["features"] == "digits-classifier" and isinstance(v["selected"], bool)
+    assert "curvature" in vrg and vrg["tune"]["settings"]["num_samples"] == 16
+    base = make_trajectory(NoiseSchedule(), "time_uniform", 4).tolist()
+    assert (cell[0]["alpha_bar"] == base) is (not v["selected"])  # base kept <=> the entry samples the base
+    traj = resolve_trajectory(NoiseSchedule(), vrg, "ddim", 4, "vrg", base="time_uniform")
+    assert list(traj.alpha_bar) == cell[0]["alpha_bar"]
+    err = capsys.readouterr().err
+    assert ("kept the base time_uniform" in err) is (not v["selected"])
+
+
+def test_tune_refuses_to_overwrite_its_input(tuned: dict[str, Path], capsys) -> None:
+    rc = main(["tune", "--ckpt", str(tuned["ckpt"]), "--out", str(tuned["ckpt"]), "--steps", "4"])
+    assert rc == 2 and "never overwrites its input" in capsys.readouterr().err
+
+
+def test_resolve_says_when_the_base_was_kept(capsys) -> None:
+    sch = NoiseSchedule()
+    base = make_trajectory(sch, "logSNR", 5).tolist()
+    vrg = {"entries": [{"solver": "ddim", "steps": 5, "base": "logSNR", "alpha_bar": base,
+                        "validated": {"selected": False, "reason": "not confirmed"}}]}
+    t = resolve_trajectory(sch, vrg, "ddim", 5, "vrg")
+    assert list(t.alpha_bar) == base and "sampling the base trajectory" in capsys.readouterr().err
+
+
+def test_profiler_option_validates_settings() -> None:
+    from vrg_lightning.callbacks import VRGProfiler
+
+    cb = VRGProfiler(tune_at_fit_end=True, tune_settings={"num_samples": 64, "lps": [0.03]}, steps=[10])
+    assert cb.tune_settings.num_samples == 64 and cb.tune_settings.steps == (10,)
+    with pytest.raises(ValueError, match="must be disjoint"):
+        VRGProfiler(tune_at_fit_end=True, tune_settings={"screen_seeds": [0, 1], "confirm_seeds": [1, 2]})
+
+
+def test_quality_smoke_run_is_resumable(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt")
+    args = ["--ckpt", str(ckpt), "--grid", "smoke", "--lps", "0.1", "--pin-start", "free", "--num-samples", "16",
+            "--seeds", "0,1", "--confirm-seeds", "3,4", "--fresh-seeds", "5,6", "--out", str(tmp_path / "q"),
+            "--threads", "1"]
+    assert quality.main(args) == 0
+    cell = tmp_path / "q" / "cells" / "ddim-4-time_uniform.json"
+    res = json.loads(cell.read_text())
+    assert res["rows"] and res["fresh"]["seeds"] == [5, 6]
+    if res["chosen"].startswith("base"):
+        assert res["fresh"]["diff"]["mean"] == 0.0
+    mtime = cell.stat().st_mtime_ns
+    assert quality.main(args) == 0  # rerun: the finished cell is skipped
+    assert cell.stat().st_mtime_ns == mtime
+    assert "Spearman" in (tmp_path / "q" / "summary.md").read_text()
