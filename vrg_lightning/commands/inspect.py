@@ -106,7 +106,10 @@ def format_report(info: Mapping[str, Any]) -> str:
                  + (f", max |skew| {p['max_abs_skewness']:.3g}, max |excess kurtosis| "
                     f"{p['max_abs_excess_kurtosis']:.3g}" if "max_abs_skewness" in p else ""))
     prof = info.get("profiler") or {}
-    if prof:
+    if prof.get("command"):
+        lines.append(f"profiler  {prof['command']} of {prof.get('input')}: {prof.get('samples')} samples, seed "
+                     f"{prof.get('seed')}, {'EMA' if prof.get('ema') else 'raw'} weights")
+    elif prof:
         lines.append(f"profiler  step {prof.get('step')}, half-life {prof.get('half_life_samples')} samples, "
                      f"skipped non-finite {prof.get('nonfinite_skipped', 0)}")
     lines.append(f"vrg       format {info['format']} v{info['version']}, created {info.get('created')}, "
