@@ -166,8 +166,8 @@ class _CIFAR(Dataset):
 
 
 def load_dataset(name: str, *, root: str | os.PathLike = "data", image_size: int | None = None,
-                 download: bool = False, seed: int = 0) -> Dataset:
-    """The ``(image, label)`` dataset called ``name`` (see :data:`DATASET_NAMES`)."""
+                 download: bool = False, seed: int = 0, channels: int = 3) -> Dataset:
+    """The ``(image, label)`` dataset called ``name`` (see :data:`DATASET_NAMES`; ``channels`` for folders)."""
     if name == "digits":
         return digits_dataset()
     if name == "patches":
@@ -175,7 +175,7 @@ def load_dataset(name: str, *, root: str | os.PathLike = "data", image_size: int
     if name == "cifar10":
         return _cifar10(root, train=True, download=download)
     if name.startswith("folder:"):
-        return ImageFolderDataset(name[len("folder:"):], image_size=image_size or 32)
+        return ImageFolderDataset(name[len("folder:"):], image_size=image_size or 32, channels=channels)
     raise ValueError(f"Unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}.")
 
 

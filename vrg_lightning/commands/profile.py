@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     den = den.to(device).eval()
     size = int(den.unet.config.sample_size)
-    dataset = load_dataset(args.data, root=args.data_root, image_size=size, download=False, seed=args.seed)
+    dataset = load_dataset(args.data, root=args.data_root, image_size=size, download=False, seed=args.seed,
+                           channels=int(den.unet.config.in_channels))
     x0 = dataset[0][0] if isinstance(dataset[0], (tuple, list)) else dataset[0]
     want = (int(den.unet.config.in_channels), size, size)
     if tuple(x0.shape) != want:
