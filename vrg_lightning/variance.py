@@ -54,9 +54,13 @@ def cpe_paper(alpha_bar: Tensor, mse: MSEFn) -> Tensor:
         >>> round(float(cpe_paper(ab, lambda a: torch.ones_like(a))), 6)
         0.555556
     """
+    return _paper_terms(alpha_bar, mse).sum()
+
+
+def _paper_terms(alpha_bar: Tensor, mse: MSEFn) -> Tensor:
+    """(s_i - s_{i-1})² MSE(ᾱ_i), cleanest step first (s_{-1} = 0)."""
     s = alpha_bar_to_sigma(alpha_bar)
-    ds = torch.diff(s, prepend=s.new_zeros(1))
-    return (ds**2 * mse(alpha_bar)).sum()
+    return torch.diff(s, prepend=s.new_zeros(1)) ** 2 * mse(alpha_bar)
 
 
 @dataclass(frozen=True)
@@ -165,9 +169,7 @@ def cpe_contributions(
     """
     _check_objective(objective, solver)
     if objective == "paper":
-        ab = validate_trajectory(alpha_bar, "alpha_bar")
-        s = alpha_bar_to_sigma(ab)
-        return torch.diff(s, prepend=s.new_zeros(1)) ** 2 * mse(ab)
+        return _paper_terms(validate_trajectory(alpha_bar, "alpha_bar"), mse)
     _check_options(solver, options)
     return _solver_terms(alpha_bar, mse, solver, final_alpha_bar, options)
 
@@ -189,7 +191,4 @@ def cpe(
         >>> bool(torch.isclose(cpe(ab, one, "paper"), cpe(ab, one, "solver", "ddim")))
         True
     """
-    _check_objective(objective, solver)
-    if objective == "paper":
-        return cpe_paper(validate_trajectory(alpha_bar, "alpha_bar"), mse)
-    return cpe_solver(alpha_bar, mse, solver, final_alpha_bar=final_alpha_bar, **options)
+    return cpe_contributions(alpha_bar, mse, objective, solver, final_alpha_bar=final_alpha_bar, **options).sum()
