@@ -199,3 +199,28 @@ def test_quality_smoke_run_is_resumable(tmp_path: Path) -> None:
     assert quality.main(args) == 0  # rerun: the finished cell is skipped
     assert cell.stat().st_mtime_ns == mtime
     assert "Spearman" in (tmp_path / "q" / "summary.md").read_text()
+
+
+def test_profiler_tunes_at_fit_end(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from sampling_fixtures import TINY_UNET  # noqa: E402
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vrg_lightning.callbacks import VRGProfiler
+    from vrg_lightning.checkpoint import read_vrg
+    from vrg_lightning.module import DiffusionModule
+
+    torch.manual_seed(0)
+    cb = VRGProfiler(probe_samples=32, probe_batch_size=32, steps=[4], bases=["time_uniform"], lps=[0.1], num_bins=10,
+                     tune_at_fit_end=True, tune_reference_samples=32,
+                     tune_settings={"num_samples": 8, "lps": [0.1], "pin_start": "pinned", "fix": False,
+                                    "screen_seeds": [0, 1], "confirm_seeds": [3, 4], "batch_size": 8})
+    data = DataLoader(TensorDataset(torch.rand(32, 1, 16, 16) * 2 - 1), batch_size=8)
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ck, cb], accelerator="cpu")
+    trainer.fit(DiffusionModule(unet=TINY_UNET), data)
+    vrg = read_vrg(torch.load(tmp_path / "last.ckpt", weights_only=True))
+    (entry,) = vrg["entries"]
+    assert isinstance(entry["validated"]["selected"], bool) and entry["validated"]["num_samples"] == 8
+    assert vrg["tune"]["settings"]["pin_start"] == "pinned" and vrg["tune"]["images_sampled"] > 0
