@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_data import REF
 
 from vrg_lightning.optimize import (
     OptimizeResult,
@@ -28,7 +28,6 @@ from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.trajectories import make_trajectory
 from vrg_lightning.variance import cpe_paper, cpe_solver
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 SCHED = NoiseSchedule()
 
 

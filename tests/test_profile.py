@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_data import REF
 from scipy import stats
 
 from vrg_lightning.profile import (
@@ -25,7 +26,6 @@ from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.trajectories import load_trajectory
 from vrg_lightning.variance import cpe_paper
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 SCHED = NoiseSchedule()
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_data import REF as REFERENCE
 
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_sigma
 from vrg_lightning.trajectories import BASES, load_trajectory, make_trajectory, save_trajectory, validate_trajectory
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "trajectories"
+REF = REFERENCE / "trajectories"
 SCHEDULES = [NoiseSchedule(), NoiseSchedule("squaredcos_cap_v2"), NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)]
 GENERATED = [b for b in BASES if b != "list"]
 
