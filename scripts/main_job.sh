@@ -4,7 +4,7 @@
 #   -> inspect the checkpoint -> sample base vs VRG trajectories from the same noise -> print the FID table.
 # Uses a GPU automatically when one is present. Re-running resumes finished sampling shards.
 # Knobs (environment): TRAIN_ARGS (extra LightningCLI flags, e.g. "--trainer.max_steps 300"),
-# NUM_SAMPLES (images per seed and trajectory in the comparison, default 1000).
+# NUM_SAMPLES (images per seed and trajectory in the comparison, default 500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -16,5 +16,5 @@ if [ ! -f "$CKPT" ]; then
   python train.py fit --config configs/digits.yaml ${TRAIN_ARGS:-}
 fi
 vrg inspect "$CKPT"
-vrg sample --ckpt "$CKPT" --compare --solver ddim,dpmpp_2m --steps 10,20 \
-  --num-samples "${NUM_SAMPLES:-1000}" --seeds 0,1,2 --reference digits --out "$RUN/compare"
+vrg sample --ckpt "$CKPT" --compare --solver ddim,dpmpp_2m --steps 10 \
+  --num-samples "${NUM_SAMPLES:-500}" --seeds 0,1,2 --reference digits --out "$RUN/compare"
