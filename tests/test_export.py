@@ -119,3 +119,15 @@ def test_cli(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
     assert d["cpe_exported"] > 0 and d["cpe_change"] == pytest.approx(d["cpe_exported"] / d["cpe_exact"] - 1)
     assert main(["export", "--ckpt", str(ckpt), "--solver", "ddim", "--steps", "9", "--format", "sigmas"]) == 2
     assert "Stored (solver, steps, base): (ddim, 4, logSNR)" in capsys.readouterr().err
+
+
+def test_cli_on_a_tuned_entry_reports_the_paper_cpe(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Tuned entries record objective 'base' or 'disc' (how they were made); export must still report a cpe."""
+    raw = torch.load(ckpt, weights_only=True)
+    for e in raw["vrg"]["entries"]:
+        e["objective"] = "disc"
+    tuned = tmp_path / "tuned.ckpt"
+    torch.save(raw, tuned)
+    assert main(["export", "--ckpt", str(tuned), "--solver", "ddim", "--steps", "4", "--base", "logSNR",
+                 "--format", "sigmas"]) == 0
+    assert "cpe[paper] exact" in capsys.readouterr().err

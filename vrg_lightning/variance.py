@@ -38,6 +38,7 @@ __all__ = [
     "propagation_weights",
     "cpe_solver",
     "cpe",
+    "objective_for_cpe",
     "cpe_contributions",
 ]
 
@@ -141,6 +142,14 @@ def cpe_solver(alpha_bar: Tensor, mse: MSEFn, solver: str, *, final_alpha_bar: f
     """
     _check_options(solver, options)
     return _solver_terms(alpha_bar, mse, solver, final_alpha_bar, options).sum()
+
+
+def objective_for_cpe(objective: str | None) -> str:
+    """The cpe objective to report for a stored entry: its own when it is one of :data:`OBJECTIVES`, else ``paper``.
+
+    Tuned entries record how they were made (``"base"``, ``"disc"``), which is not a cpe objective.
+    """
+    return objective if objective in OBJECTIVES else "paper"
 
 
 def _check_objective(objective: str, solver: str | None) -> None:

@@ -133,13 +133,14 @@ def run(args: argparse.Namespace) -> int:
     from vrg_lightning.profile import ErrorProfile
     from vrg_lightning.sampling import resolve_trajectory
     from vrg_lightning.schedule import NoiseSchedule
+    from vrg_lightning.variance import objective_for_cpe
 
     ckpt = load_checkpoint_file(args.ckpt)
     vrg = read_vrg(ckpt)
     schedule = NoiseSchedule.from_dict(vrg["schedule"])
     traj = resolve_trajectory(schedule, vrg, args.solver, args.steps, args.trajectory, base=args.base,
                               objective=args.objective, lp=args.lp)
-    objective = args.objective or (traj.entry or {}).get("objective") or "paper"
+    objective = args.objective or objective_for_cpe((traj.entry or {}).get("objective"))
     mse = ErrorProfile.from_dict(vrg["profile"]).mse_function("fit")
     res = export_trajectory(traj.tensor, schedule, args.format, mse=mse, objective=objective, solver=args.solver)
     if args.json:

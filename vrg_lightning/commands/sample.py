@@ -195,6 +195,7 @@ def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
         select_vrg_entry,
     )
     from vrg_lightning.trajectories import make_trajectory
+    from vrg_lightning.variance import objective_for_cpe
 
     if args.reference is None:
         raise ValueError("--compare needs --reference (FID compares base and VRG trajectories).")
@@ -240,7 +241,7 @@ def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
                     torch.tensor(entry["alpha_bar"], dtype=torch.float64), extractor=ext, reference=ref,
                     seeds=seeds, num_samples=args.num_samples, batch_size=args.batch_size,
                     guidance_scale=args.guidance_scale, device=device, mse=mse,
-                    objective=args.objective or entry.get("objective") or "paper", base=base,
+                    objective=args.objective or objective_for_cpe(entry.get("objective")), base=base,
                     entry={k: entry.get(k) for k in ("objective", "lp", "cpe_before", "cpe_after", "validated")},
                     cache_dir=out / "stats", progress=not args.no_progress))
     table = compare_markdown(rows)
