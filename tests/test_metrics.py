@@ -200,3 +200,17 @@ def test_inception_path_end_to_end_with_random_local_weights(tmp_path: Path) -> 
     assert torch.equal(ext(gray), ext(gray.expand(-1, 3, -1, -1)))  # 1-channel images are repeated to RGB
     with pytest.raises(ValueError, match="1 or 3 channel"):
         ext(torch.zeros(2, 4, 16, 16))
+
+
+def test_reference_key_separates_image_shapes_and_resolves_folders(tmp_path, monkeypatch) -> None:
+    from vrg_lightning.metrics import reference_key
+
+    assert reference_key("patches", (3, 16, 16)) != reference_key("patches", (3, 32, 32))
+    assert reference_key("digits", (1, 16, 16), 500) != reference_key("digits", (1, 16, 16))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a" / "imgs").mkdir(parents=True)
+    (tmp_path / "b" / "imgs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    key_a = reference_key("folder:imgs", (3, 16, 16))
+    monkeypatch.chdir(tmp_path / "b")
+    assert reference_key("folder:imgs", (3, 16, 16)) != key_a  # same relative path, different folders

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ DIGITS_ASSET = Path(__file__).parent / "assets" / "digits_classifier.pt"
 def default_cache_dir() -> Path:
     """``$VRG_CACHE_DIR`` or ``~/.cache/vrg-lightning``."""
     return Path(os.environ.get("VRG_CACHE_DIR", Path.home() / ".cache" / "vrg-lightning"))
+
+
+def reference_key(dataset: str, shape: Sequence[int], num: int | None = None) -> str:
+    """Cache key of a dataset's reference statistics: the dataset (a ``folder:`` path resolved), the image shape the
+    model makes (datasets are resized to it) and the number of images. Features are keyed by :func:`reference_stats`.
+    """
+    if dataset.startswith("folder:"):
+        dataset = "folder:" + str(Path(dataset[len("folder:"):]).resolve())
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("_")
+    return f"{safe}-{'x'.join(str(int(d)) for d in shape)}-n{num or 'all'}"
 
 
 def _hash_state_dict(module: nn.Module) -> str:

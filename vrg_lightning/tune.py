@@ -207,7 +207,11 @@ class FIDEvaluator:
         self.denoiser, self.extractor, self.reference = denoiser, extractor, reference
         self.num_samples, self.batch_size = num_samples, batch_size
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        from .metrics import _hash_state_dict
+
         self.memo: dict[str, float] = {}
+        # statistics depend on the model and the features, not only on (solver, trajectory, seed): key them by both
+        self.tag = f"m{_hash_state_dict(denoiser)[:12]}-{extractor.name}-{getattr(extractor, 'weights_hash', '')}"
         self.sampled_images = 0  # images generated (not loaded from a cache)
         self.nfe = 0  # model evaluations x images generated
 
@@ -216,7 +220,7 @@ class FIDEvaluator:
         from .sampling import generate
         from .solvers import num_evaluations
 
-        k = f"{solver}-{_key(alpha_bar)}-s{int(seed)}-n{self.num_samples}"
+        k = f"{self.tag}-{solver}-{_key(alpha_bar)}-s{int(seed)}-n{self.num_samples}"
         if k in self.memo:
             return self.memo[k]
         path = None if self.cache_dir is None else self.cache_dir / f"{k}.pt"
@@ -360,7 +364,7 @@ def reference_for(dataset: str, extractor: Any, shape: tuple[int, int, int], *, 
                   cache_dir: str | os.PathLike | None = None) -> Any:
     """Cached reference statistics of a dataset's real images (``digits``, ``patches``, ``cifar10``, ``folder:..``)."""
     from .data import load_real_images
-    from .metrics import reference_stats
+    from .metrics import reference_key, reference_stats
 
     def images() -> Tensor:
         x = load_real_images(dataset, num, image_size=shape[-1])
@@ -368,7 +372,7 @@ def reference_for(dataset: str, extractor: Any, shape: tuple[int, int, int], *, 
             raise ValueError(f"reference {dataset!r} images have shape {tuple(x.shape[1:])}; the model makes {shape}.")
         return x
 
-    return reference_stats(f"{dataset}-n{num or 'all'}", extractor, images, cache_dir=cache_dir, progress=False)
+    return reference_stats(reference_key(dataset, shape, num), extractor, images, cache_dir=cache_dir, progress=False)
 
 
 def tune_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, settings: TuneSettings, reference: str, *,

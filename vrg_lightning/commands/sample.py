@@ -113,7 +113,7 @@ def _reference_images(args: argparse.Namespace, shape: tuple[int, int, int]):
 
 def _fid_setup(args: argparse.Namespace, shape: tuple[int, int, int]):
     """``(extractor, reference stats, description)`` or ``(None, None, None)`` without --reference."""
-    from vrg_lightning.metrics import build_features, reference_stats
+    from vrg_lightning.metrics import build_features, reference_key, reference_stats
 
     if args.reference is None:
         if args.features or args.inception_weights:
@@ -128,7 +128,7 @@ def _fid_setup(args: argparse.Namespace, shape: tuple[int, int, int]):
         name = f"file-{file_sha256(src)[:16]}"  # keyed by content, not by path
     else:
         name = args.reference
-    key = f"{name}-n{args.reference_num or 'all'}"
+    key = reference_key(name, shape, args.reference_num)
     ref = reference_stats(key, ext, lambda: _reference_images(args, shape), cache_dir=args.cache_dir,
                           progress=not args.no_progress)
     desc = {"reference": args.reference, "num_reference": ref.n, "features": ext.name,
