@@ -224,3 +224,15 @@ def test_profiler_tunes_at_fit_end(tmp_path: Path) -> None:
     (entry,) = vrg["entries"]
     assert isinstance(entry["validated"]["selected"], bool) and entry["validated"]["num_samples"] == 8
     assert vrg["tune"]["settings"]["pin_start"] == "pinned" and vrg["tune"]["images_sampled"] > 0
+
+
+def test_tune_checkpoint_refuses_an_existing_out_file(tmp_path) -> None:
+    from vrg_lightning.tune import TuneSettings, default_features, tune_checkpoint
+
+    out = tmp_path / "tuned.ckpt"
+    out.write_bytes(b"earlier result")
+    with pytest.raises(FileExistsError, match="--force"):
+        tune_checkpoint(tmp_path / "model.ckpt", out, TuneSettings(), "digits")
+    assert out.read_bytes() == b"earlier result"
+    assert default_features("auto", 1) == "digits" and default_features("auto", 3) == "pixels"
+    assert default_features("inception", 1) == "inception"

@@ -517,7 +517,7 @@ class VRGProfiler(Callback):
         """Validated selection of the current entries (rank 0 samples, every rank gets the result; collective)."""
         from .metrics import build_features, feature_stats
         from .sampling import image_shape
-        from .tune import tune_vrg
+        from .tune import default_features, tune_vrg
 
         state = self.vrg_state(trainer, pl_module, optimize=True)
         result = None
@@ -529,7 +529,9 @@ class VRGProfiler(Callback):
                 ds = self._probe_dataset(trainer)
                 n = min(len(ds), self.tune_reference_samples)
                 real = torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]).float()
-                ext = build_features(self.tune_settings.features, image_shape=image_shape(den)).to(pl_module.device)
+                shape = image_shape(den)
+                features = default_features(self.tune_settings.features, shape[0])
+                ext = build_features(features, image_shape=shape).to(pl_module.device)
                 ref = feature_stats(real, ext)
                 new = tune_vrg(den, state, self.tune_settings, ext, ref, log=None)
             finally:

@@ -48,7 +48,7 @@ class TuneSettings:
         reg_lambda, trust, mse_mode: optimizer settings (:class:`~vrg_lightning.optimize.OptimizeSettings`).
         fix: add the damped + discretisation-aware candidates (DDIM-like solvers only).
         num_samples: images per FID; screen_seeds / confirm_seeds: the two disjoint seed sets.
-        features: FID features (``digits``, ``pixels``, ``inception``).
+        features: FID features (``digits``, ``pixels``, ``inception``; ``auto``: :func:`default_features`).
         confidence: of the paired-difference interval.
         batch_size: images per solver call.
         curvature_samples, curvature_steps: the many-step paths that measure dε/dσ (``fix``).
@@ -67,7 +67,7 @@ class TuneSettings:
     num_samples: int = 256
     screen_seeds: tuple[int, ...] = (0, 1)
     confirm_seeds: tuple[int, ...] = (100, 101, 102)
-    features: str = "digits"
+    features: str = "auto"
     confidence: float = 0.95
     batch_size: int = 256
     curvature_samples: int = 32
@@ -196,6 +196,13 @@ def make_candidates(
                                "disc_before": r["disc_before"], "disc_after": r["disc_after"], "loss": r["loss"],
                                "seconds": r["seconds"]}))
     return out
+
+
+def default_features(features: str, channels: int) -> str:
+    """Resolve ``auto`` FID features: the digits classifier for 1-channel images, raw pixels otherwise."""
+    if features != "auto":
+        return features
+    return "digits" if channels == 1 else "pixels"
 
 
 class FIDEvaluator:
@@ -377,7 +384,7 @@ def reference_for(dataset: str, extractor: Any, shape: tuple[int, int, int], *, 
 
 def tune_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, settings: TuneSettings, reference: str, *,
                     cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print,
-                    inception_weights: str | None = None) -> dict[str, Any]:
+                    inception_weights: str | None = None, force: bool = False) -> dict[str, Any]:
     """``vrg tune``: read ``ckpt``, tune, write the whole checkpoint with the new ``vrg`` section to ``out``
     (atomically; ``out`` must differ from ``ckpt``). Returns the new ``vrg`` section."""
     from .checkpoint import VRG_KEY, load_checkpoint_file, load_denoiser, read_vrg
@@ -387,11 +394,14 @@ def tune_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, settings: T
     if Path(out).resolve() == Path(ckpt).resolve():
         raise ValueError(f"--out {str(out)!r} is the input checkpoint; tuning never overwrites its input. "
                          "Give another path.")
+    if Path(out).exists() and (not force or Path(out).samefile(ckpt)):
+        raise FileExistsError(f"--out {str(out)!r} already exists; pass --force to replace it (never the input).")
     raw = load_checkpoint_file(ckpt)
     denoiser, _ = load_denoiser(raw)
     vrg = read_vrg(raw)
     shape = _shape(denoiser)
-    ext = build_features(settings.features, image_shape=shape, inception_weights=inception_weights)
+    ext = build_features(default_features(settings.features, shape[0]), image_shape=shape,
+                         inception_weights=inception_weights)
     ref = reference_for(reference, ext, shape, cache_dir=cache_dir)
     new = tune_vrg(denoiser, vrg, settings, ext, ref, log=log,
                    cache_dir=None if cache_dir is None else Path(cache_dir) / "tune-stats")

@@ -36,6 +36,7 @@ def _j(v: tuple) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="input checkpoint (with checkpoint['vrg']); never overwritten")
     p.add_argument("--out", required=True, help="the tuned checkpoint (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--reference", default=None,
                    help="real images for FID: digits, patches, cifar10, folder:PATH (default: digits for 1-channel "
                         "models, else patches)")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import load_checkpoint_file, read_vrg
-    from ..tune import tune_checkpoint
+    from ..tune import default_features, tune_checkpoint
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
@@ -81,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
         lps=_list(args.lps, float, "lps"), objectives=_list(args.objectives, str, "objectives"),
         pin_start=args.pin_start, reg_lambda=args.reg_lambda, fix=not args.no_fix, num_samples=args.num_samples,
         screen_seeds=_list(args.seeds, int, "seeds"), confirm_seeds=_list(args.confirm_seeds, int, "confirm-seeds"),
-        features=args.features or ("digits" if channels == 1 else "pixels"), confidence=args.confidence,
+        features=default_features(args.features or "auto", channels), confidence=args.confidence,
         batch_size=args.batch_size)
     reference = args.reference or ("digits" if channels == 1 else "patches")
-    new = tune_checkpoint(args.ckpt, args.out, settings, reference, cache_dir=args.cache_dir,
+    new = tune_checkpoint(args.ckpt, args.out, settings, reference, cache_dir=args.cache_dir, force=args.force,
                           inception_weights=args.inception_weights, log=None if args.json else print)
     tuned = [e for e in new["entries"] if isinstance(e.get("validated"), dict) and "screen" in e["validated"]]
     if args.json:
