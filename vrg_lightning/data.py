@@ -180,7 +180,7 @@ def load_dataset(name: str, *, root: str | os.PathLike = "data", image_size: int
 
 
 def load_real_images(name: str, num: int | None = None, *, seed: int = 0, root: str | os.PathLike = "data",
-                     image_size: int | None = None, download: bool = False) -> Tensor:
+                     image_size: int | None = None, download: bool = False, channels: int = 3) -> Tensor:
     """Real images of a dataset as one float32 tensor ``[N, C, H, W]`` in ``[-1, 1]`` (FID reference statistics).
 
     Args:
@@ -188,13 +188,13 @@ def load_real_images(name: str, num: int | None = None, *, seed: int = 0, root: 
             ``patches`` with the default seed are exactly the training patches).
         num: how many (``None``: all); a subset is a seeded random choice without replacement.
         seed: subset choice (and patch positions for ``patches``).
-        root, image_size, download: as for :func:`load_dataset`.
+        root, image_size, download, channels: as for :func:`load_dataset` (``channels`` for ``folder:``).
 
     Example:
         >>> load_real_images("digits", 5).shape
         torch.Size([5, 1, 16, 16])
     """
-    ds = load_dataset(name, root=root, image_size=image_size, download=download, seed=seed)
+    ds = load_dataset(name, root=root, image_size=image_size, download=download, seed=seed, channels=channels)
     n = len(ds)
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise ValueError(f"num must be a positive integer or None; got {num!r}.")

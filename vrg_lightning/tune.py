@@ -374,7 +374,7 @@ def reference_for(dataset: str, extractor: Any, shape: tuple[int, int, int], *, 
     from .metrics import reference_key, reference_stats
 
     def images() -> Tensor:
-        x = load_real_images(dataset, num, image_size=shape[-1])
+        x = load_real_images(dataset, num, image_size=shape[-1], channels=shape[0])
         if tuple(x.shape[1:]) != tuple(shape):
             raise ValueError(f"reference {dataset!r} images have shape {tuple(x.shape[1:])}; the model makes {shape}.")
         return x

@@ -105,7 +105,8 @@ def _reference_images(args: argparse.Namespace, shape: tuple[int, int, int]):
     else:
         from vrg_lightning.data import load_real_images
 
-        x = load_real_images(args.reference, args.reference_num, root=args.data_root, image_size=shape[-1])
+        x = load_real_images(args.reference, args.reference_num, root=args.data_root, image_size=shape[-1],
+                             channels=shape[0])
     if tuple(x.shape[1:]) != shape:
         raise ValueError(f"--reference images have shape {tuple(x.shape[1:])} but the model makes {shape}.")
     return x
