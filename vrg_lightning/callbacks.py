@@ -218,6 +218,8 @@ class VRGProfiler(Callback):
         tune_at_fit_end: at fit end, replace the entries of every (solver, steps, base) by the paired-FID validated
             choice (:func:`vrg_lightning.tune.tune_vrg`, the function behind ``vrg tune``) on global rank 0,
             broadcast to the others; reference statistics come from ``tune_reference_samples`` probe images.
+            The other ranks wait in the broadcast meanwhile: keep the tuning budget under the process group's
+            timeout (NCCL's default is 30 min), or run ``vrg tune`` after training instead.
         tune_settings: :class:`~vrg_lightning.tune.TuneSettings` fields (solvers/steps/bases default to the ones
             above).
     """
