@@ -215,6 +215,19 @@ def describe_entry(e: Mapping[str, Any]) -> str:
     return f"{e.get('solver')}/{e.get('steps')}/{e.get('base')}/{e.get('objective', '?')} lp={e.get('lp', '?')}"
 
 
+def matching_entries(vrg: Mapping[str, Any], solver: str, steps: int, base: str | None = None,
+                     objective: str | None = None, lp: float | None = None) -> list[dict[str, Any]]:
+    """Stored entries whose fields equal the given ones (``None`` = any; ``lp`` compared to 1e-12)."""
+    want = {"solver": solver, "steps": int(steps), "base": base, "objective": objective}
+
+    def ok(e: Mapping[str, Any]) -> bool:
+        if any(v is not None and e.get(k) != v for k, v in want.items()):
+            return False
+        return lp is None or (e.get("lp") is not None and abs(float(e["lp"]) - float(lp)) <= 1e-12)
+
+    return [dict(e) for e in vrg.get("entries", []) if ok(e)]
+
+
 def find_entry(vrg: Mapping[str, Any], solver: str, steps: int, base: str | None = None,
                objective: str | None = None, lp: float | None = None) -> dict[str, Any]:
     """The unique entry matching the given fields (``None`` = any).
@@ -224,19 +237,7 @@ def find_entry(vrg: Mapping[str, Any], solver: str, steps: int, base: str | None
     """
     entries = list(vrg.get("entries", []))
     want = {"solver": solver, "steps": int(steps), "base": base, "objective": objective, "lp": lp}
-
-    def ok(e: Mapping[str, Any]) -> bool:
-        for k, v in want.items():
-            if v is None:
-                continue
-            if k == "lp":
-                if e.get("lp") is None or abs(float(e["lp"]) - float(v)) > 1e-12:
-                    return False
-            elif e.get(k) != v:
-                return False
-        return True
-
-    found = [e for e in entries if ok(e)]
+    found = matching_entries(vrg, solver, steps, base, objective, lp)
     stored = "; ".join(describe_entry(e) for e in entries) or "none"
     asked = "/".join(f"{k}={v}" for k, v in want.items() if v is not None)
     if not found:

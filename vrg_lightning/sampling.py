@@ -195,15 +195,11 @@ def select_vrg_entry(
     if not vrg:
         raise ValueError("--trajectory vrg needs a checkpoint with stored VRG trajectories (checkpoint['vrg']); "
                          "this one has none. Run `vrg profile` first, or sample a base trajectory.")
+    from .checkpoint import matching_entries
+
     entries = list(vrg.get("entries", []))
     want = {"solver": solver, "steps": int(steps), "base": base, "objective": objective}
-
-    def ok(e: Mapping[str, Any]) -> bool:
-        if any(v is not None and e.get(k) != v for k, v in want.items()):
-            return False
-        return lp is None or (e.get("lp") is not None and abs(float(e["lp"]) - float(lp)) <= 1e-12)
-
-    found = [e for e in entries if ok(e)]
+    found = matching_entries(vrg, solver, steps, base, objective, lp)
     asked = ", ".join(f"{k}={v}" for k, v in {**want, "lp": lp}.items() if v is not None)
     if not found:
         stored = sorted({(str(e.get("solver")), int(e.get("steps", 0)), str(e.get("base"))) for e in entries})
