@@ -18,8 +18,9 @@ reuses the cached feature statistics of every (trajectory, seed)):
    reference from the same noise and the same start ᾱ) of the base and of each candidate, and its prediction.
 
 Grids: ``smoke`` (one 4-step ddim cell, 2 lps; the CI test on a tiny model), ``small`` (ddim, dpmpp_2m; 10 steps; 4
-bases; lp 0.01, 0.1), ``full`` (ddim, dpmsolver2, dpmsolver3, dpmpp_2m, pndm, deis x 10, 20 steps x 4 bases x lp
-0.01, 0.03, 0.1, 0.3 x paper, solver).
+bases; lp 0.01, 0.1; start free and pinned), ``full`` (ddim, dpmsolver2, dpmsolver3, dpmpp_2m, pndm, deis x 10, 20
+steps x 4 bases x lp 0.01, 0.03, 0.1, 0.3 x paper, solver; start free as in the paper, lambda 100; plus ``disc`` for
+DDIM). ``--pin-start`` overrides a grid's start setting.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ GRIDS: dict[str, dict[str, Any]] = {
               "karras"), "lps": (0.01, 0.1), "objectives": ("paper", "solver")},
     "full": {"solvers": ("ddim", "dpmsolver2", "dpmsolver3", "dpmpp_2m", "pndm", "deis"), "steps": (10, 20),
              "bases": ("time_uniform", "time_quadratic", "logSNR", "karras"), "lps": (0.01, 0.03, 0.1, 0.3),
-             "objectives": ("paper", "solver")},
+             "objectives": ("paper", "solver"), "pin_start": "free"},
 }
 
 
@@ -63,12 +64,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", choices=tuple(GRIDS), default="small")
     p.add_argument("--solvers"), p.add_argument("--steps"), p.add_argument("--bases"), p.add_argument("--lps")
     p.add_argument("--objectives")
-    p.add_argument("--pin-start", default="both", choices=("free", "pinned", "both"))
+    p.add_argument("--pin-start", default=None, choices=("free", "pinned", "both"),
+                   help="start free (lambda), pinned, or both (default: the grid's, else both)")
     p.add_argument("--reg-lambda", type=float, default=100.0)
     p.add_argument("--no-fix", action="store_true")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--confirm-seeds", default="10,11,12")
+    p.add_argument("--confirm-seeds", default="10,11,12,13,14")
     p.add_argument("--fresh-seeds", default="20,21,22")
     p.add_argument("--analysis", action="store_true", help="measure discretisation errors (DDIM-like cells)")
     p.add_argument("--analysis-samples", type=int, default=32)
@@ -85,7 +87,9 @@ def settings_of(a: argparse.Namespace, channels: int) -> TuneSettings:
         v = _csv(getattr(a, k), cast)
         if v:
             g[k] = v
-    return TuneSettings(**g, pin_start=a.pin_start, reg_lambda=a.reg_lambda, fix=not a.no_fix,
+    pin = a.pin_start or g.pop("pin_start", "both")
+    g.pop("pin_start", None)
+    return TuneSettings(**g, pin_start=pin, reg_lambda=a.reg_lambda, fix=not a.no_fix,
                         num_samples=a.num_samples, screen_seeds=_csv(a.seeds, int),
                         confirm_seeds=_csv(a.confirm_seeds, int),
                         features=a.features or ("digits" if channels == 1 else "pixels"), batch_size=a.batch_size,
@@ -205,6 +209,35 @@ def summary(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _half_width(r: dict[str, Any]) -> float:
+    """Half-width of a grid row's paired-difference interval relative to the mean base FID."""
+    return (r["diff"]["ci_high"] - r["diff"]["ci_low"]) / 2 / (sum(r["fid_base"]) / len(r["fid_base"]))
+
+
+def aggregates(cells: list[dict[str, Any]]) -> str:
+    """Markdown: grid rows grouped by candidate setting and by solver x steps (median relative Δ, how many rows are
+    significantly better / worse than the base at the rows' confidence)."""
+    def table(title: str, key: Any) -> list[str]:
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for c in cells:
+            for r in c["rows"]:
+                groups.setdefault(key(c, r), []).append(r)
+        out = [f"| {title} | rows | median relative Δ | significantly better | significantly worse | median CI "
+               "half-width | half-width ≤ 5% |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for k in sorted(groups, key=str):
+            ds = [r["diff"] for r in groups[k]]
+            hw = [_half_width(r) for r in groups[k]]
+            out.append(f"| {k} | {len(ds)} | {100 * median([d['relative'] for d in ds]):.1f}% | "
+                       f"{sum(d['ci_high'] < 0 for d in ds)} | {sum(d['ci_low'] > 0 for d in ds)} | "
+                       f"{100 * median(hw):.1f}% | {sum(h <= 0.05 for h in hw)}/{len(hw)} |")
+        return out
+
+    lines = table("candidate (objective, lp, start)", lambda c, r: r["label"].replace("solver", "solver-aware")
+                  if not c["solver"] in ("ddim", "dpmsolver1") else r["label"])
+    lines += [""] + table("solver / steps", lambda c, r: f"{c['solver']} / {c['steps']}")
+    return "\n".join(lines) + "\n"
+
+
 def gaussianity_md(profile: Any, every: int = 10) -> str:
     g = profile.gaussianity()
     lines = ["| λ | ᾱ | MSE | mean | skewness | excess kurtosis |", "|---:|---:|---:|---:|---:|---:|"]
@@ -268,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                   f", fresh Δ {res['fresh']['diff']['mean']:.3f}", flush=True)
     cells = [json.loads((cell_dir / f"{s}-{n}-{b}.json").read_text()) for s, n, b in todo
              if (cell_dir / f"{s}-{n}-{b}.json").is_file()]
-    md = summary(cells, meta) + "\nGaussianity of the per-bin error (every 10th bin):\n\n" + gaussianity_md(profile)
+    md = (summary(cells, meta) + "\nGrid rows grouped (Δ relative to the base FID; significant = 95% CI excludes 0):"
+          "\n\n" + aggregates(cells) + "\nGaussianity of the per-bin error (every 10th bin):\n\n"
+          + gaussianity_md(profile))
     atomic_write_text(out / "summary.md", md)
     print(md)
     print(f"{len(cells)}/{len(todo)} cells done; results in {out}", file=sys.stderr)

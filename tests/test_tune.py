@@ -117,6 +117,21 @@ def test_tune_cell_two_stage_decision(case: str) -> None:
         assert {lab for lab, seeds in ev.calls if seeds == (5, 6, 7)} == {"base", "b"}
 
 
+@pytest.mark.parametrize("rank_by", ["upper", "mean"])
+def test_tune_cell_ranks_by_upper_bound_or_mean(rank_by: str) -> None:
+    # a: large but erratic gain (-3.0 +- 3.0 over seeds); b: smaller, consistent gain (-1.0 +- 0.1)
+    st = TuneSettings(screen_seeds=(0, 1, 2), confirm_seeds=(5, 6, 7), rank_by=rank_by)
+    cands = _cands()
+    labels = {c.alpha_bar: c.label for c in cands}
+    base = {0: 10.0, 1: 11.0, 2: 12.0, 5: 10.0, 6: 12.0, 7: 11.0}
+    t = {"base": base, "a": {0: 10.0, 1: 5.0, 2: 9.0, 5: 9.0, 6: 11.0, 7: 10.0},
+         "b": {0: 9.0, 1: 9.9, 2: 11.1, 5: 9.0, 6: 11.0, 7: 10.0}}
+    chosen, rec = tune_cell(FakeEvaluator(t, labels), "ddim", cands, st)
+    assert rec["candidate"] == ("b" if rank_by == "upper" else "a") and rec["rank_by"] == rank_by
+    with pytest.raises(ValueError, match="rank_by"):
+        TuneSettings(rank_by="median")
+
+
 def test_tune_cell_needs_the_base_first() -> None:
     c = _cands()
     with pytest.raises(ValueError, match="candidates\\[0\\] must be the base"):
@@ -224,6 +239,8 @@ def test_profiler_tunes_at_fit_end(tmp_path: Path) -> None:
     (entry,) = vrg["entries"]
     assert isinstance(entry["validated"]["selected"], bool) and entry["validated"]["num_samples"] == 8
     assert vrg["tune"]["settings"]["pin_start"] == "pinned" and vrg["tune"]["images_sampled"] > 0
+    t = vrg["tune"]
+    assert t["train_seconds"] > 0 and t["fraction_of_training"] == pytest.approx(t["seconds"] / t["train_seconds"])
 
 
 def test_tune_checkpoint_refuses_an_existing_out_file(tmp_path) -> None:

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -299,6 +300,7 @@ class VRGProfiler(Callback):
         self._world, self._rank = 1, 0
         self._pending: dict[str, Any] | None = None
         self._fit_ended = False
+        self._train_started: float | None = None
 
     @property
     def state_key(self) -> str:
@@ -498,14 +500,18 @@ class VRGProfiler(Callback):
         if self.free and self.log_every and epoch % self.log_every == 0:
             self._log_profile(trainer, self.free_profile(trainer))
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_started = time.perf_counter()
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_ended = True
+        train_seconds = None if self._train_started is None else time.perf_counter() - self._train_started
         if self.probe_at_fit_end:
             self._log_profile(trainer, self.run_probe(trainer, pl_module))
         elif self.free:
             self._log_profile(trainer, self.free_profile(trainer))
         if self.tune_settings is not None:
-            self.run_tune(trainer, pl_module)
+            self.run_tune(trainer, pl_module, train_seconds)
         if self.resave_last:
             path = _last_path(trainer)
             if path:
@@ -515,8 +521,11 @@ class VRGProfiler(Callback):
                 rank_zero_warn("VRGProfiler: no ModelCheckpoint(save_last=True) to re-save; the fit-end profile "
                                "is only in checkpoints saved from now on (trainer.save_checkpoint(...)).")
 
-    def run_tune(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Validated selection of the current entries (rank 0 samples, every rank gets the result; collective)."""
+    def run_tune(self, trainer: Trainer, pl_module: LightningModule, train_seconds: float | None = None) -> None:
+        """Validated selection of the current entries (rank 0 samples, every rank gets the result; collective).
+
+        ``vrg["tune"]`` records its seconds and, given ``train_seconds`` (the fit's wall time up to the fit-end
+        probe), ``train_seconds`` and ``fraction_of_training`` = tune seconds / train seconds."""
         from .metrics import build_features, feature_stats
         from .sampling import image_shape
         from .tune import default_features, tune_vrg
@@ -539,6 +548,12 @@ class VRGProfiler(Callback):
             finally:
                 if was:
                     den.train()
+            if train_seconds:
+                new["tune"].update(train_seconds=train_seconds,
+                                   fraction_of_training=new["tune"]["seconds"] / train_seconds)
+                rank_zero_info(f"VRGProfiler: validated tuning took {new['tune']['seconds']:.1f} s, "
+                               f"{100 * new['tune']['fraction_of_training']:.1f}% of the {train_seconds:.0f} s of "
+                               "training.")
             result = {"entries": new["entries"], "extra": {k: new[k] for k in ("curvature", "tune") if k in new}}
         result = trainer.strategy.broadcast(result, src=0)
         if result is not None:

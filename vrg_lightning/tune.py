@@ -5,7 +5,10 @@ VRG at several ``lp`` with both objectives, start free or pinned (``kind="vrg"``
 damped + discretisation-aware variant of :mod:`vrg_lightning.discretization` (``kind="disc"``). :func:`tune_cell`
 then decides in two stages, each pair of FIDs from the same initial noise (:func:`vrg_lightning.sampling.generate`):
 
-1. screening on ``screen_seeds``: the candidate with the lowest mean paired difference ``FID_cand - FID_base``;
+1. screening on ``screen_seeds``: among the candidates whose mean paired difference ``FID_cand - FID_base`` is
+   negative, the one with the lowest upper confidence bound (``rank_by="upper"``, the default: large *and* consistent
+   gains, which the confirmation can then resolve) or the lowest mean (``rank_by="mean"``; also the tie-break and the
+   rule when a single screening seed gives no interval);
 2. confirmation on fresh ``confirm_seeds``: that candidate replaces the base only if the upper end of the
    confidence interval of its paired difference is below 0 (``stats.paired_difference``). Selecting the best of K
    and testing it on the same seeds would be biased; new seeds make the test honest.
@@ -50,6 +53,7 @@ class TuneSettings:
         num_samples: images per FID; screen_seeds / confirm_seeds: the two disjoint seed sets.
         features: FID features (``digits``, ``pixels``, ``inception``; ``auto``: :func:`default_features`).
         confidence: of the paired-difference interval.
+        rank_by: screening rule, ``"upper"`` (lowest upper confidence bound) or ``"mean"`` (lowest mean).
         batch_size: images per solver call.
         curvature_samples, curvature_steps: the many-step paths that measure dε/dσ (``fix``).
     """
@@ -69,6 +73,7 @@ class TuneSettings:
     confirm_seeds: tuple[int, ...] = (100, 101, 102)
     features: str = "auto"
     confidence: float = 0.95
+    rank_by: str = "upper"
     batch_size: int = 256
     curvature_samples: int = 32
     curvature_steps: int = 100
@@ -107,6 +112,8 @@ class TuneSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 2:
                 raise ValueError(f"{name} must be an integer >= 2; got {v!r}.")
+        if self.rank_by not in ("upper", "mean"):
+            raise ValueError(f"rank_by must be 'upper' or 'mean'; got {self.rank_by!r}.")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must lie in (0, 1); got {self.confidence!r}.")
 
@@ -277,8 +284,12 @@ def tune_cell(evaluator: FIDEvaluator, solver: str, candidates: Sequence[Candida
         "confidence": settings.confidence, "candidate": None, "fid_base_screen": fb, "screen": screen,
         "num_candidates": len(candidates) - 1,
     }
-    best = min(range(len(screen)), key=lambda i: screen[i]["paired_diff"], default=None)
-    if best is None or not screen[best]["paired_diff"] < 0:
+    better = [i for i in range(len(screen)) if screen[i]["paired_diff"] < 0]
+    rule = ((lambda i: (screen[i]["ci_high"], screen[i]["paired_diff"])) if settings.rank_by == "upper"
+            else (lambda i: screen[i]["paired_diff"]))
+    best = min(better, key=rule, default=None)
+    record["rank_by"] = settings.rank_by
+    if best is None:
         record.update({"reason": "no candidate had a lower mean FID than the base on the screening seeds; base kept",
                        "fid_base": sum(fb) / len(fb), "fid_candidate": None, "paired_diff": None, "ci_low": None,
                        "ci_high": None, "seeds": list(settings.screen_seeds)})

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=_j(_D.screen_seeds), help="screening seeds")
     p.add_argument("--confirm-seeds", default=_j(_D.confirm_seeds), help="confirmation seeds (disjoint)")
     p.add_argument("--confidence", type=float, default=_D.confidence)
+    p.add_argument("--rank-by", default=_D.rank_by, choices=["upper", "mean"],
+                   help="screening rule: lowest upper confidence bound (default) or lowest mean paired difference")
     p.add_argument("--batch-size", type=int, default=_D.batch_size)
     p.add_argument("--cache-dir", default=None, help="reference / sample statistics cache (default ~/.cache)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         pin_start=args.pin_start, reg_lambda=args.reg_lambda, fix=not args.no_fix, num_samples=args.num_samples,
         screen_seeds=_list(args.seeds, int, "seeds"), confirm_seeds=_list(args.confirm_seeds, int, "confirm-seeds"),
         features=default_features(args.features or "auto", channels), confidence=args.confidence,
-        batch_size=args.batch_size)
+        rank_by=args.rank_by, batch_size=args.batch_size)
     reference = args.reference or ("digits" if channels == 1 else "patches")
     new = tune_checkpoint(args.ckpt, args.out, settings, reference, cache_dir=args.cache_dir, force=args.force,
                           inception_weights=args.inception_weights, log=None if args.json else print)
