@@ -26,9 +26,16 @@ TINY = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_chann
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run the documented training command (shortened) in a fresh folder; return last.ckpt."""
+    """Run the documented training command (shortened; the fit-end tuning on 16 images) in a fresh folder; return
+    last.ckpt."""
     work = tmp_path_factory.mktemp("train")
-    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+    cfg = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    prof = next(c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("VRGProfiler"))
+    assert prof["tune_at_fit_end"] is True
+    prof["tune_settings"].update(num_samples=16, batch_size=16, lps=[0.03])
+    config = work / "digits.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config),
            "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
            "--model.unet", json.dumps(TINY), "--model.warmup_steps", "1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -50,8 +57,10 @@ def test_training_writes_a_weights_only_checkpoint_with_fit_end_trajectories(tra
     cfg = next(c["init_args"] for c in yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())["trainer"]
                ["callbacks"] if c["class_path"].endswith("VRGProfiler"))
     assert got == {(s, n, b) for s in cfg["solvers"] for n in cfg["steps"] for b in cfg["bases"]}
-    for e in vrg["entries"]:
-        assert len(e["alpha_bar"]) == e["steps"] and e["cpe_after"] <= e["cpe_before"]
+    for e in vrg["entries"]:  # validated at fit end: a VRG candidate that won, or the base itself
+        assert len(e["alpha_bar"]) == e["steps"] and e["validated"]["num_samples"] == 16
+        assert e["kind"] in ("vrg", "base") and (e["kind"] == "base") is (not e["validated"]["selected"])
+    assert 0 < vrg["tune"]["fraction_of_training"] and vrg["tune"]["settings"]["pin_start"] == "free"
     den, info = load_denoiser(trained)
     assert info is not None and list(den.unet.config.block_out_channels) == [8, 8, 8]
     assert (trained.parent.parent / "tb").is_dir()  # TensorBoard logger of the config
@@ -62,7 +71,9 @@ def test_inspect_text_json_and_bad_files(trained: Path, tmp_path: Path, capsys: 
     assert main(["inspect", str(trained)]) == 0
     text = capsys.readouterr().out
     assert "schedule  linear T=1000" in text and "profile   probe: " in text
-    assert sum(line.startswith("ddim ") for line in text.splitlines()) == 6  # 2 step counts x 3 bases
+    rows = [line for line in text.splitlines() if line.startswith("ddim ")]
+    assert len(rows) == 6  # 2 step counts x 3 bases
+    assert all(("selected (" in r) != ("base kept (" in r) for r in rows)  # each row says what tuning decided
     assert main(["inspect", str(trained), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["profile"]["samples"] == 4096 and len(info["entries"]) == len(read_vrg(trained)["entries"])
