@@ -39,7 +39,7 @@ import torch
 
 from vrg_lightning.io import atomic_write_json, atomic_write_text
 from vrg_lightning.stats import paired_difference, spearman
-from vrg_lightning.tune import FIDEvaluator, TuneSettings, make_candidates, measure_curvature, median, tune_cell
+from vrg_lightning.tune import Candidate, FIDEvaluator, TuneSettings, make_candidates, measure_curvature, median, tune_cell
 
 GRIDS: dict[str, dict[str, Any]] = {
     "smoke": {"solvers": ("ddim",), "steps": (4,), "bases": ("time_uniform",), "lps": (0.03, 0.1),
@@ -120,13 +120,29 @@ def analysis(denoiser: Any, solver: str, cands: list, curvature: Any, mse_fn: An
     return rows
 
 
+def candidates(path: Path, schedule: Any, profile: Any, st: TuneSettings, solver: str, steps: int, base: str,
+               curvature: Any, cache: dict) -> list[Candidate]:
+    """``make_candidates``, kept in ``path`` (JSON, atomic) so that a rerun (e.g. with other selection settings)
+    reuses the optimised trajectories instead of optimising again."""
+    keys = ("lps", "objectives", "pin_start", "reg_lambda", "trust", "mse_mode", "fix")
+    made_with = {k: v for k, v in st.to_dict().items() if k in keys}
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("settings") == made_with:
+            return [Candidate(c["label"], c["kind"], tuple(c["alpha_bar"]), c["info"]) for c in d["candidates"]]
+    cands = make_candidates(schedule, profile, solver, steps, base, st, curvature, cache)
+    atomic_write_json(path, {"settings": made_with, "candidates": [
+        {"label": c.label, "kind": c.kind, "alpha_bar": list(c.alpha_bar), "info": c.info} for c in cands]})
+    return cands
+
+
 def run_cell(ev: FIDEvaluator, den: Any, schedule: Any, profile: Any, st: TuneSettings, solver: str, steps: int,
              base: str, curvature: Any, fresh: tuple[int, ...], do_analysis: bool, analysis_n: int,
-             cache: dict) -> dict[str, Any]:
+             cache: dict, cand_path: Path) -> dict[str, Any]:
     from vrg_lightning.discretization import DISC_SOLVERS
 
     t0, nfe0 = time.perf_counter(), ev.nfe
-    cands = make_candidates(schedule, profile, solver, steps, base, st, curvature, cache)
+    cands = candidates(cand_path, schedule, profile, st, solver, steps, base, curvature, cache)
     chosen, rec = tune_cell(ev, solver, cands, st)
     out: dict[str, Any] = {"solver": solver, "steps": steps, "base": base, "validated": rec, "chosen": chosen.label}
     fb = ev.fids(solver, cands[0].alpha_bar, st.screen_seeds)
@@ -294,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             if path.is_file():
                 continue
             res = run_cell(ev, den, den.schedule, profile, st, s, n, b, curvature, fresh, a.analysis,
-                           a.analysis_samples, cache)
+                           a.analysis_samples, cache, out / "candidates" / f"{s}-{n}-{b}.json")
             res["meta"] = meta
             atomic_write_json(path, res)
             print(f"{s}/{n}/{b}: {res['seconds']:.1f} s, {res['image_evaluations']} image-NFE, chosen {res['chosen']}"

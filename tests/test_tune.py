@@ -214,6 +214,17 @@ def test_quality_smoke_run_is_resumable(tmp_path: Path) -> None:
     assert quality.main(args) == 0  # rerun: the finished cell is skipped
     assert cell.stat().st_mtime_ns == mtime
     assert "Spearman" in (tmp_path / "q" / "summary.md").read_text()
+    # a new selection (other confirmation seeds) reuses the stored optimised candidates, not a new optimisation
+    cell.unlink()
+    stored = json.loads((tmp_path / "q" / "candidates" / cell.name).read_text())["candidates"]
+    calls = []
+    orig = quality.make_candidates
+    quality.make_candidates = lambda *a, **k: calls.append(a) or orig(*a, **k)
+    try:
+        assert quality.main([*args[:-6], "--confirm-seeds", "7,8", *args[-4:]]) == 0
+    finally:
+        quality.make_candidates = orig
+    assert not calls and [r["label"] for r in json.loads(cell.read_text())["rows"]] == [c["label"] for c in stored[1:]]
 
 
 def test_profiler_tunes_at_fit_end(tmp_path: Path) -> None:
