@@ -54,12 +54,13 @@ def _profile() -> tuple[NoiseSchedule, ErrorProfile]:
 def test_candidates_base_first_distinct_and_pinned() -> None:
     sch, prof = _profile()
     cur = Curvature((-10.0, 0.0, 10.0), (1e-5, 1e-4, 1e-3), data_var=0.25)
-    st = TuneSettings(lps=(0.03, 0.1), objectives=("paper", "solver"))
+    st = TuneSettings(lps=(0.03, 0.1), objectives=("paper", "solver"), pin_start="both")
     c = make_candidates(sch, prof, "ddim", 10, "time_quadratic", st, cur)
     base = make_trajectory(sch, "time_quadratic", 10)
     assert c[0].kind == "base" and torch.equal(c[0].tensor, base)
     assert len({x.alpha_bar for x in c}) == len(c)  # no duplicates (ddim: solver objective == paper)
     assert {x.kind for x in c} == {"base", "vrg", "disc"}
+    assert {x.info["pin_start"] for x in c[1:]} == {True, False}
     for x in c[1:]:
         if x.info["pin_start"]:
             assert x.alpha_bar[-1] == float(base[-1])

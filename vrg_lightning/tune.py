@@ -43,6 +43,10 @@ PIN_CHOICES = ("free", "pinned", "both")
 class TuneSettings:
     """What ``vrg tune`` tries and how much evidence it gathers (frozen; ``to_dict``/``from_dict``).
 
+    The defaults are the settings of ``benchmarks/quality.py --grid full`` (docs/BENCHMARKS.md, Quality): free
+    start (the paper's lambda penalty; pinned starts were worse there), 4 lps, both objectives, 256 images, 3
+    screening and 5 confirmation seeds. ``configs/digits.yaml`` shows a cheap setting for tuning at fit end.
+
     Args:
         solvers, steps, bases: the cells (every combination).
         lps, objectives: VRG candidates per cell; ``objective="solver"`` for ``ddim``/``dpmsolver1`` equals
@@ -61,16 +65,16 @@ class TuneSettings:
     solvers: tuple[str, ...] = ("ddim",)
     steps: tuple[int, ...] = (10, 20)
     bases: tuple[str, ...] = ("time_uniform", "time_quadratic", "logSNR")
-    lps: tuple[float, ...] = (0.01, 0.03, 0.1)
+    lps: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     objectives: tuple[str, ...] = ("paper", "solver")
-    pin_start: str = "both"
+    pin_start: str = "free"
     reg_lambda: float = 100.0
     trust: str = "alpha"
     mse_mode: str = "fit"
     fix: bool = True
     num_samples: int = 256
-    screen_seeds: tuple[int, ...] = (0, 1)
-    confirm_seeds: tuple[int, ...] = (100, 101, 102)
+    screen_seeds: tuple[int, ...] = (0, 1, 2)
+    confirm_seeds: tuple[int, ...] = (100, 101, 102, 103, 104)
     features: str = "auto"
     confidence: float = 0.95
     rank_by: str = "upper"
