@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (scikit-learn digits), end to end:
-#   set up the venv -> train (VRGProfiler records the error profile and stores VRG trajectories in the checkpoint)
+#   set up the venv -> train (VRGProfiler records the error profile, stores VRG trajectories in the checkpoint and,
+#   at fit end, validates each one by paired FID: it stays only if it beat its base on fresh seeds)
 #   -> inspect the checkpoint -> sample base vs VRG trajectories from the same noise -> print the FID table.
 # Uses a GPU automatically when one is present. Re-running resumes finished sampling shards.
 # Knobs (environment): TRAIN_ARGS (extra LightningCLI flags, e.g. "--trainer.max_steps 300"),
