@@ -80,6 +80,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--confirm-seeds", default="10,11,12,13,14")
     p.add_argument("--fresh-seeds", default="20,21,22")
+    p.add_argument("--converged-steps", type=int, default=200,
+                   help="FID floor: a DPM-Solver++(2M) logSNR sampler with this many steps on the fresh seeds (0: off)")
     p.add_argument("--analysis", action="store_true", help="measure discretisation errors (DDIM-like cells)")
     p.add_argument("--analysis-samples", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=250)
@@ -206,6 +208,18 @@ def summary(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 x.append(r["cpe_after"] / r["cpe_before"] - 1)
                 y.append(r["diff"]["relative"])
     fresh = [c["fresh"]["diff"] for c in cells]
+    conv = meta.get("converged")
+    if conv:
+        floor = sum(conv["fids"]) / len(conv["fids"])
+        ex_by_steps: dict[int, list[float]] = {}
+        for c in cells:
+            fb = c["fresh"].get("fid_base")
+            ex = 0.0 if not fb else -c["fresh"]["diff"]["mean"] / max(sum(fb) / len(fb) - floor, 1e-12)
+            ex_by_steps.setdefault(int(c["steps"]), []).append(ex)
+        lines += ["", f"FID floor at this sample count: {conv['steps']}-step {conv['solver']} ({conv['base']}) on the "
+                  f"fresh seeds, {floor:.2f} (per seed {', '.join(f'{v:.2f}' for v in conv['fids'])}). Median share "
+                  "of the base's excess FID (FID_base − floor, fresh seeds) removed by the tuned choice: " + ", ".join(
+                      f"{n} steps {100 * median(v):.1f}%" for n, v in sorted(ex_by_steps.items())) + "."]
     medians = ", ".join(f"{n} steps {100 * median(v):.1f}% over {len(v)} cells"
                         for n, v in sorted(rel_by_steps.items()))
     selected = sum(not c["chosen"].startswith("base:") for c in cells)
@@ -337,6 +351,16 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(path, res)
             print(f"{s}/{n}/{b}: {res['seconds']:.1f} s, {res['image_evaluations']} image-NFE, chosen {res['chosen']}"
                   f", fresh Δ {res['fresh']['diff']['mean']:.3f}", flush=True)
+        conv_path = out / "converged.json"
+        if not conv_path.is_file() and a.converged_steps:
+            from vrg_lightning.trajectories import make_trajectory
+
+            ab = make_trajectory(den.schedule, "logSNR", a.converged_steps).tolist()
+            atomic_write_json(conv_path, {"solver": "dpmpp_2m", "base": "logSNR", "steps": a.converged_steps,
+                                          "seeds": list(fresh), "fids": ev.fids("dpmpp_2m", ab, fresh)})
+    conv_path = out / "converged.json"
+    if conv_path.is_file():
+        meta["converged"] = json.loads(conv_path.read_text())
     cells = [json.loads((cell_dir / f"{s}-{n}-{b}.json").read_text()) for s, n, b in todo
              if (cell_dir / f"{s}-{n}-{b}.json").is_file()]
     md = (summary(cells, meta) + "\nGrid rows grouped (Δ relative to the base FID; significant = 95% CI excludes 0):"
