@@ -214,12 +214,15 @@ def summary(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ex_by_steps: dict[int, list[float]] = {}
         for c in cells:
             fb = c["fresh"].get("fid_base")
-            ex = 0.0 if not fb else -c["fresh"]["diff"]["mean"] / max(sum(fb) / len(fb) - floor, 1e-12)
+            if fb and sum(fb) / len(fb) <= floor:
+                continue  # the base is already at the floor: nothing measurable to remove
+            ex = 0.0 if not fb else -c["fresh"]["diff"]["mean"] / (sum(fb) / len(fb) - floor)
             ex_by_steps.setdefault(int(c["steps"]), []).append(ex)
         lines += ["", f"FID floor at this sample count: {conv['steps']}-step {conv['solver']} ({conv['base']}) on the "
                   f"fresh seeds, {floor:.2f} (per seed {', '.join(f'{v:.2f}' for v in conv['fids'])}). Median share "
                   "of the base's excess FID (FID_base − floor, fresh seeds) removed by the tuned choice: " + ", ".join(
-                      f"{n} steps {100 * median(v):.1f}%" for n, v in sorted(ex_by_steps.items())) + "."]
+                      f"{n} steps {100 * median(v):.1f}% over {len(v)} cells" for n, v in sorted(ex_by_steps.items()))
+                  + " (cells whose base is at or below the floor left out; a kept base counts 0 %)."]
     medians = ", ".join(f"{n} steps {100 * median(v):.1f}% over {len(v)} cells"
                         for n, v in sorted(rel_by_steps.items()))
     selected = sum(not c["chosen"].startswith("base:") for c in cells)
