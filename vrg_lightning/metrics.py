@@ -350,6 +350,16 @@ class FeatureStats:
         cov = (self.cov_sum - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu, cov
 
+    def cov_root(self) -> Tensor:
+        """``Σ^½`` (symmetric PSD square root), computed once per statistics object (reference statistics are
+        compared with many generated sets)."""
+        key = (self.n, self.cov_sum.data_ptr(), self.sum.data_ptr())
+        cached = self.__dict__.get("_root")
+        if cached is None or cached[0] != key:
+            cached = (key, _sqrtm_psd(self.mean_cov()[1]))
+            object.__setattr__(self, "_root", cached)
+        return cached[1]
+
 
 @dataclass(frozen=True)
 class FIDResult:
@@ -431,15 +441,20 @@ def feature_stats(
     return FeatureStats(n, s, c, extractor.name, extractor.weights_hash)
 
 
-def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
+def _sqrtm_psd(cov: Tensor) -> Tensor:
+    w, v = torch.linalg.eigh((cov + cov.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor, root2: Tensor | None = None) -> float:
     """``‖μ₁-μ₂‖² + tr(Σ₁ + Σ₂ - 2(Σ₁Σ₂)^½)`` in float64.
 
     ``tr (Σ₁Σ₂)^½`` is computed as ``Σ √eig(R Σ₁ R)`` with ``R = Σ₂^½``: two symmetric eigen-decompositions,
-    several times faster and more accurate than the general eigenvalues of ``Σ₁Σ₂`` (same value).
+    several times faster and more accurate than the general eigenvalues of ``Σ₁Σ₂`` (same value). ``root2``: ``R``
+    computed before (the reference's, reused across many FIDs).
     """
     mu1, cov1, mu2, cov2 = (t.to(torch.float64) for t in (mu1, cov1, mu2, cov2))
-    w, v = torch.linalg.eigh((cov2 + cov2.T) / 2)
-    root = (v * w.clamp(min=0).sqrt()) @ v.T
+    root = _sqrtm_psd(cov2) if root2 is None else root2
     m = root @ cov1 @ root
     tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
@@ -451,7 +466,7 @@ def fid_from_stats(fake: FeatureStats, real: FeatureStats) -> float:
         raise ValueError(f"Cannot compare {fake.features!r} features with {real.features!r} features.")
     mu1, c1 = fake.mean_cov()
     mu2, c2 = real.mean_cov()
-    return frechet_distance(mu1, c1, mu2, c2)
+    return frechet_distance(mu1, c1, mu2, c2, real.cov_root())
 
 
 def synced_fake_stats(metric: Any, extractor: FeatureExtractor) -> FeatureStats:
