@@ -43,6 +43,7 @@ from vrg_lightning.tune import (
     Candidate,
     FIDEvaluator,
     TuneSettings,
+    default_features,
     make_candidates,
     measure_curvature,
     median,
@@ -97,12 +98,12 @@ def settings_of(a: argparse.Namespace, channels: int) -> TuneSettings:
         v = _csv(getattr(a, k), cast)
         if v:
             g[k] = v
-    pin = a.pin_start or g.pop("pin_start", "both")
-    g.pop("pin_start", None)
+    grid_pin = g.pop("pin_start", "both")
+    pin = a.pin_start or grid_pin
     return TuneSettings(**g, pin_start=pin, reg_lambda=a.reg_lambda, fix=not a.no_fix,
                         num_samples=a.num_samples, screen_seeds=_csv(a.seeds, int),
                         confirm_seeds=_csv(a.confirm_seeds, int),
-                        features=a.features or ("digits" if channels == 1 else "pixels"), batch_size=a.batch_size,
+                        features=default_features(a.features or "auto", channels), batch_size=a.batch_size,
                         curvature_samples=32, curvature_steps=100)
 
 
@@ -183,6 +184,10 @@ def _f(x: float | None, d: int = 2) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 
+def _medians_by_steps(values: dict[int, list[float]]) -> str:
+    return ", ".join(f"{n} steps {100 * median(v):.1f}% over {len(v)} cells" for n, v in sorted(values.items()))
+
+
 def summary(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown: per cell the base FID, the best grid candidate, the tuned choice on fresh seeds; all grid rows;
     Spearman(cpe reduction, FID change); medians."""
@@ -214,17 +219,17 @@ def summary(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ex_by_steps: dict[int, list[float]] = {}
         for c in cells:
             fb = c["fresh"].get("fid_base")
-            if fb and sum(fb) / len(fb) <= floor:
+            excess = sum(fb) / len(fb) - floor if fb else None
+            if excess is not None and excess <= 0:
                 continue  # the base is already at the floor: nothing measurable to remove
-            ex = 0.0 if not fb else -c["fresh"]["diff"]["mean"] / (sum(fb) / len(fb) - floor)
-            ex_by_steps.setdefault(int(c["steps"]), []).append(ex)
+            ex_by_steps.setdefault(int(c["steps"]), []).append(0.0 if excess is None
+                                                                else -c["fresh"]["diff"]["mean"] / excess)
         lines += ["", f"FID floor at this sample count: {conv['steps']}-step {conv['solver']} ({conv['base']}) on the "
                   f"fresh seeds, {floor:.2f} (per seed {', '.join(f'{v:.2f}' for v in conv['fids'])}). Median share "
-                  "of the base's excess FID (FID_base − floor, fresh seeds) removed by the tuned choice: " + ", ".join(
-                      f"{n} steps {100 * median(v):.1f}% over {len(v)} cells" for n, v in sorted(ex_by_steps.items()))
+                  "of the base's excess FID (FID_base − floor, fresh seeds) removed by the tuned choice: "
+                  + _medians_by_steps(ex_by_steps)
                   + " (cells whose base is at or below the floor left out; a kept base counts 0 %)."]
-    medians = ", ".join(f"{n} steps {100 * median(v):.1f}% over {len(v)} cells"
-                        for n, v in sorted(rel_by_steps.items()))
+    medians = _medians_by_steps(rel_by_steps)
     selected = sum(not c["chosen"].startswith("base:") for c in cells)
     lines += ["", "Median relative FID reduction of the tuned choice on fresh seeds (a kept base counts 0 %): "
               f"{medians}.", f"VRG selected in {selected} of {len(cells)} cells; on the fresh seeds the tuned choice "
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"ckpt": a.ckpt, "dataset": a.dataset, "features": st.features, "num_samples": st.num_samples,
             "seeds": list(st.screen_seeds), "confirm_seeds": list(st.confirm_seeds), "fresh_seeds": list(fresh),
             "grid": a.grid, "settings": st.to_dict(), "machine": platform.machine(), "threads": torch.get_num_threads()}
-    cell_dir = out / "cells"
+    cell_dir, conv_path = out / "cells", out / "converged.json"
     todo = [(s, n, b) for s in st.solvers for n in st.steps for b in st.bases]
     if not a.report:
         ext = build_features(st.features, image_shape=shape)
@@ -354,14 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(path, res)
             print(f"{s}/{n}/{b}: {res['seconds']:.1f} s, {res['image_evaluations']} image-NFE, chosen {res['chosen']}"
                   f", fresh Δ {res['fresh']['diff']['mean']:.3f}", flush=True)
-        conv_path = out / "converged.json"
         if not conv_path.is_file() and a.converged_steps:
             from vrg_lightning.trajectories import make_trajectory
 
             ab = make_trajectory(den.schedule, "logSNR", a.converged_steps).tolist()
             atomic_write_json(conv_path, {"solver": "dpmpp_2m", "base": "logSNR", "steps": a.converged_steps,
                                           "seeds": list(fresh), "fids": ev.fids("dpmpp_2m", ab, fresh)})
-    conv_path = out / "converged.json"
     if conv_path.is_file():
         meta["converged"] = json.loads(conv_path.read_text())
     cells = [json.loads((cell_dir / f"{s}-{n}-{b}.json").read_text()) for s, n, b in todo

@@ -69,8 +69,8 @@ def test_fid_matches_scipy_reference() -> None:
     assert res.num_images == 150 and res.num_reference == 200
     assert fid_of(a, ext, ref).value == pytest.approx(0.0, abs=1e-6)
     # the reference's square root is computed once and reused; a second set against it gives scipy's value too
-    root = ref.cov_root()
-    assert ref.cov_root() is root and "_root" not in ref.to_dict()
+    root = ref.cov_root
+    assert ref.cov_root is root and "cov_root" not in ref.to_dict()
     expected_a = _scipy_fid(a[:120].flatten(1).double().numpy(), a.flatten(1).double().numpy())
     assert fid_of(a[:120], ext, ref).value == pytest.approx(expected_a, rel=1e-6, abs=1e-9)
 

@@ -27,6 +27,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -350,15 +351,11 @@ class FeatureStats:
         cov = (self.cov_sum - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu, cov
 
+    @cached_property
     def cov_root(self) -> Tensor:
-        """``Σ^½`` (symmetric PSD square root), computed once per statistics object (reference statistics are
-        compared with many generated sets)."""
-        key = (self.n, self.cov_sum.data_ptr(), self.sum.data_ptr())
-        cached = self.__dict__.get("_root")
-        if cached is None or cached[0] != key:
-            cached = (key, _sqrtm_psd(self.mean_cov()[1]))
-            object.__setattr__(self, "_root", cached)
-        return cached[1]
+        """``Σ^½`` (symmetric PSD square root), computed once per (frozen) statistics object: reference statistics
+        are compared with many generated sets."""
+        return _sqrtm_psd(self.mean_cov()[1])
 
 
 @dataclass(frozen=True)
@@ -466,7 +463,7 @@ def fid_from_stats(fake: FeatureStats, real: FeatureStats) -> float:
         raise ValueError(f"Cannot compare {fake.features!r} features with {real.features!r} features.")
     mu1, c1 = fake.mean_cov()
     mu2, c2 = real.mean_cov()
-    return frechet_distance(mu1, c1, mu2, c2, real.cov_root())
+    return frechet_distance(mu1, c1, mu2, c2, real.cov_root)
 
 
 def synced_fake_stats(metric: Any, extractor: FeatureExtractor) -> FeatureStats:

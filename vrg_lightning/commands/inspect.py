@@ -121,14 +121,14 @@ def format_report(info: Mapping[str, Any]) -> str:
     head = f"{'solver':<10} {'steps':>5} {'base':<15} {'objective':<9} {'lp':>6} {'cpe before':>12} " \
            f"{'cpe after':>12} {'change':>8}  validated"
     lines += ["", head, "-" * len(head)]
-    num = lambda k: math.nan if e.get(k) is None else float(e[k])  # noqa: E731 - tuned "base" entries hold None
     for e in entries:
-        b, a = num("cpe_before"), num("cpe_after")
+        num = {k: math.nan if e.get(k) is None else float(e[k]) for k in ("cpe_before", "cpe_after", "lp")}
+        b, a = num["cpe_before"], num["cpe_after"]  # tuned "base" entries hold None
         change = 100 * (a / b - 1) if b and math.isfinite(b) else math.nan
         val = e.get("validated")
         vtxt = "-" if not val else ("selected" if val.get("selected") else "base kept") + f" ({val.get('reason', '')})"
         lines.append(f"{e['solver']:<10} {e['steps']:>5} {e['base']:<15} {str(e.get('objective', '?')):<9} "
-                     f"{num('lp'):>6.3g} {b:>12.6g} {a:>12.6g} {change:>+7.2f}%  {vtxt}")
+                     f"{num['lp']:>6.3g} {b:>12.6g} {a:>12.6g} {change:>+7.2f}%  {vtxt}")
     return "\n".join(lines)
 
 
