@@ -28,9 +28,9 @@ __all__ = ["Denoiser", "PREDICTION_TYPES", "DIGITS_UNET", "plain_config"]
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Default UNet for 16×16×1 digits: three resolutions (16, 8, 4), attention only at 4×4 (last block, mid block).
-#: 0.17 M parameters: [8, 16, 32] channels sample 2.5× faster than [16, 32, 64] (5,800 vs 2,300 images per model
-#: evaluation per second on 2 CPU cores), which is what lets ``benchmarks/quality.py --grid full`` and ``vrg tune``
-#: run on a laptop CPU; see docs/BENCHMARKS.md (Quality) for the choice.
+#: 0.17 M parameters: [8, 16, 32] channels sample ~2.9× faster than [16, 32, 64] (5,100 vs 1,770 image evaluations
+#: per second on 2 CPU cores, ``benchmarks/model_speed.py``), which is what lets ``benchmarks/quality.py --grid full``
+#: and ``vrg tune`` run on a laptop CPU; see docs/BENCHMARKS.md (Quality, full grid) for the choice.
 DIGITS_UNET: dict[str, Any] = {
     "sample_size": 16,
     "in_channels": 1,
