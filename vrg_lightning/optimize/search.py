@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -56,10 +55,10 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from .schedule import alpha_bar_to_lambda, alpha_bar_to_sigma
-from .solvers import SOLVERS
-from .trajectories import validate_trajectory
-from .variance import OBJECTIVES, cpe_solver
+from ..schedule import alpha_bar_to_lambda, alpha_bar_to_sigma
+from ..trajectories import validate_trajectory
+from ..variance import cpe_solver
+from .settings import MSE_MODES, TRUSTS, OptimizeResult, OptimizeSettings  # noqa: F401
 
 __all__ = [
     "TRUSTS",
@@ -72,111 +71,11 @@ __all__ = [
     "trajectory_loss",
 ]
 
-TRUSTS = ("alpha", "logsnr")
-MSE_MODES = ("paper", "fit")
 _EDGE = 1e-6  # bounds touching 0 or 1 stay inside by this fraction of the distance
 _MAX_BLOCKS_ALL = 24  # try every contiguous block of steps up to this many steps
 _MAX_KINKS = 256  # a polish line search looks at the kinks nearest to the current point, at most this many
 
 MSEFn = Callable[[Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class OptimizeSettings:
-    """Settings of :func:`optimize_trajectory` (frozen; ``to_dict``/``from_dict`` round-trip).
-
-    Args:
-        lp: learning portion, trust-region size in (0, 1).
-        reg_lambda: weight (>= 0) of the penalty holding the noisiest ᾱ near its original value.
-        objective: ``"paper"`` (the published DDIM cpe) or ``"solver"`` (solver-aware propagation).
-        solver: solver the trajectory is for (used by ``objective="solver"``; recorded otherwise).
-        mse_mode: how MSE(ᾱ) is made from a profile: ``"fit"`` (smooth PCHIP) or ``"paper"`` (piecewise linear).
-            :func:`optimize_trajectory` takes the MSE function itself; this records which was used.
-        trust: ``"alpha"`` (the paper's per-step ratio box) or ``"logsnr"`` (a box per step in λ).
-        pin_start: hold the noisiest ᾱ exactly instead of penalising its change.
-        global_grid: grid size of the global dynamic-programming start (0: start from the base only).
-        max_rounds: upper bound on the smooth-phase / polish rounds per start.
-        tol: relative loss improvement below which a round counts as no progress.
-    """
-
-    lp: float = 0.01
-    reg_lambda: float = 100.0
-    objective: str = "paper"
-    solver: str = "ddim"
-    mse_mode: str = "fit"
-    trust: str = "alpha"
-    pin_start: bool = False
-    global_grid: int = 400
-    max_rounds: int = 30
-    tol: float = 1e-9
-
-    def __post_init__(self) -> None:
-        lp = self.lp
-        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not (0 < lp < 1):
-            raise ValueError(f"lp must be a number strictly between 0 and 1; got {lp!r}.")
-        lam = self.reg_lambda
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"reg_lambda must be a finite number >= 0; got {lam!r}.")
-        for name, allowed in (("objective", OBJECTIVES), ("mse_mode", MSE_MODES), ("trust", TRUSTS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}.")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"Unknown solver {self.solver!r}; allowed: {', '.join(SOLVERS)}.")
-        if not isinstance(self.pin_start, bool):
-            raise ValueError(f"pin_start must be True or False; got {self.pin_start!r}.")
-        if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
-            raise ValueError(f"max_rounds must be a positive integer; got {self.max_rounds!r}.")
-        if isinstance(self.global_grid, bool) or not isinstance(self.global_grid, int) or self.global_grid < 0:
-            raise ValueError(f"global_grid must be an integer >= 0; got {self.global_grid!r}.")
-        if not (isinstance(self.tol, (int, float)) and 0 <= self.tol < 1):
-            raise ValueError(f"tol must be a number in [0, 1); got {self.tol!r}.")
-        object.__setattr__(self, "lp", float(lp))
-        object.__setattr__(self, "reg_lambda", float(lam))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON- and checkpoint-safe)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> OptimizeSettings:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored, missing keys take their defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-@dataclass
-class OptimizeResult:
-    """Result of :func:`optimize_trajectory`.
-
-    ``alpha_bar``/``base_alpha_bar`` are float64 tensors, cleanest first; ``cpe_*`` exclude the penalty,
-    ``loss`` includes it; ``seconds`` is the optimizer's wall time; ``iterations`` counts rounds.
-    """
-
-    alpha_bar: Tensor
-    base_alpha_bar: Tensor
-    cpe_before: float
-    cpe_after: float
-    loss: float
-    seconds: float
-    settings: OptimizeSettings
-    iterations: int
-    loss_before: float = math.nan
-    evaluations: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only: lists of floats, numbers, strings, the settings as a dict."""
-        return {
-            "alpha_bar": [float(v) for v in self.alpha_bar],
-            "base_alpha_bar": [float(v) for v in self.base_alpha_bar],
-            "cpe_before": float(self.cpe_before),
-            "cpe_after": float(self.cpe_after),
-            "loss_before": float(self.loss_before),
-            "loss": float(self.loss),
-            "seconds": float(self.seconds),
-            "iterations": int(self.iterations),
-            "evaluations": int(self.evaluations),
-            "settings": self.settings.to_dict(),
-        }
 
 
 # --- objective --------------------------------------------------------------------------------------------------
@@ -217,7 +116,7 @@ def trajectory_loss(
 def _knots(mse_fn: MSEFn) -> np.ndarray:
     """ᾱ values where ``mse_fn`` has a kink, inside (0, 1): every row of a piecewise-linear table, only the two ends
     of a PCHIP fit (C¹ inside, constant beyond), an optional ``knots`` attribute of other callables."""
-    from .profile import PchipLogMSE, PiecewiseLinearMSE
+    from ..profile import PchipLogMSE, PiecewiseLinearMSE
 
     if isinstance(mse_fn, PiecewiseLinearMSE):
         k = mse_fn.alpha_bar.numpy()
@@ -230,7 +129,7 @@ def _knots(mse_fn: MSEFn) -> np.ndarray:
 
 def _numpy_mse(mse_fn: MSEFn) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
     """Same function as ``mse_fn`` in numpy, returning ``(MSE, dMSE/dᾱ)``, for the known interpolants; else None."""
-    from .profile import PchipLogMSE, PiecewiseLinearMSE
+    from ..profile import PchipLogMSE, PiecewiseLinearMSE
 
     if isinstance(mse_fn, PiecewiseLinearMSE) and mse_fn.alpha_bar.numel() >= 2:
         xp, fp = mse_fn.alpha_bar.numpy(), mse_fn.mse.numpy()
