@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TINY_UNET
 from torch.utils.data import DataLoader, TensorDataset
 
 from vrg_lightning.callbacks import VRGProfiler, compute_entries, probe_profile
@@ -18,7 +19,6 @@ from vrg_lightning.module import DiffusionModule
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.schedule import NoiseSchedule
 
-TINY = dict(DIGITS_UNET, block_out_channels=[8, 8, 8], norm_num_groups=4, attention_head_dim=8)
 SCHED = NoiseSchedule()
 
 
@@ -137,7 +137,7 @@ def test_compute_entries_covers_the_grid_and_shares_paper_results() -> None:
 
 def _fit(tmp_path: Path, cb: VRGProfiler, max_steps: int, ckpt_path: str | None = None, **module_kw):
     torch.manual_seed(0)
-    m = DiffusionModule(unet=TINY, **module_kw)
+    m = DiffusionModule(unet=TINY_UNET, **module_kw)
     data = DataLoader(TensorDataset(torch.rand(32, 1, 16, 16) * 2 - 1), batch_size=8)
     ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=2)
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_UNET
 
 from vrg_lightning.checkpoint import (
     VRG_FORMAT,
@@ -22,7 +23,6 @@ from vrg_lightning.module import DiffusionModule
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.schedule import NoiseSchedule
 
-TINY = dict(DIGITS_UNET, block_out_channels=[8, 8, 8], norm_num_groups=4, attention_head_dim=8)
 SCHED = NoiseSchedule()
 
 
@@ -41,7 +41,7 @@ def _profile() -> ErrorProfile:
 def _module_checkpoint() -> tuple[DiffusionModule, dict]:
     """A checkpoint dict as Lightning writes it for DiffusionModule (state_dict + on_save_checkpoint)."""
     torch.manual_seed(0)
-    m = DiffusionModule(unet=TINY, prediction_type="v_prediction", num_classes=3, ema_decay=0.5)
+    m = DiffusionModule(unet=TINY_UNET, prediction_type="v_prediction", num_classes=3, ema_decay=0.5)
     m.ema.update_parameters(m.model)
     with torch.no_grad():  # move the raw weights so raw and EMA differ
         for p in m.model.parameters():

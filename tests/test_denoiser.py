@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY_UNET
 from torch import nn
 
 from vrg_lightning.denoiser import DIGITS_UNET, Denoiser
 from vrg_lightning.schedule import NoiseSchedule
 
-TINY = dict(DIGITS_UNET, block_out_channels=[8, 8, 8], norm_num_groups=4, attention_head_dim=8)
 SCHED = NoiseSchedule()
 
 
@@ -73,7 +73,7 @@ def test_guidance_combines_conditional_and_null_predictions() -> None:
 
 
 def test_config_round_trip_rebuilds_the_same_function() -> None:
-    den = Denoiser(TINY, NoiseSchedule("scaled_linear", 500, 0.001, 0.015), "v_prediction", num_classes=5).eval()
+    den = Denoiser(TINY_UNET, NoiseSchedule("scaled_linear", 500, 0.001, 0.015), "v_prediction", num_classes=5).eval()
     again = Denoiser.from_config(den.config()).eval()
     again.load_state_dict(den.state_dict())
     assert again.config() == den.config()
@@ -85,10 +85,10 @@ def test_config_round_trip_rebuilds_the_same_function() -> None:
 
 def test_bad_arguments_are_rejected_clearly() -> None:
     with pytest.raises(ValueError, match="prediction_type"):
-        Denoiser(TINY, prediction_type="sample")
+        Denoiser(TINY_UNET, prediction_type="sample")
     with pytest.raises(ValueError, match="num_classes"):
-        Denoiser(TINY, num_classes=0)
-    den = Denoiser(TINY)
+        Denoiser(TINY_UNET, num_classes=0)
+    den = Denoiser(TINY_UNET)
     with pytest.raises(ValueError, match="unconditional"):
         den(torch.zeros(2, 1, 16, 16), torch.tensor(0.5), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="alpha_bar must be 0-d or of shape"):

@@ -11,27 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts_sampling"))
+from helpers import make_checkpoint
 
-from sampling_fixtures import make_checkpoint  # noqa: E402
-
-from vrg_lightning.checkpoint import read_vrg  # noqa: E402
-from vrg_lightning.cli import main  # noqa: E402
-from vrg_lightning.commands import export  # noqa: E402
-from vrg_lightning.commands.export import export_trajectory  # noqa: E402
-from vrg_lightning.profile import ErrorProfile  # noqa: E402
-from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_sigma  # noqa: E402
-from vrg_lightning.solvers import sample  # noqa: E402
-from vrg_lightning.trajectories import make_trajectory  # noqa: E402
-from vrg_lightning.variance import cpe  # noqa: E402
+from vrg_lightning.checkpoint import read_vrg
+from vrg_lightning.cli import main
+from vrg_lightning.commands import export
+from vrg_lightning.commands.export import export_trajectory
+from vrg_lightning.profile import ErrorProfile
+from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_sigma
+from vrg_lightning.solvers import sample
+from vrg_lightning.trajectories import make_trajectory
+from vrg_lightning.variance import cpe
 
 SCHED = NoiseSchedule()
 DIFFUSERS_CFG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("export") / "model.ckpt")
+def ckpt(sampling_files: dict[str, Path]) -> Path:
+    return sampling_files["ckpt"]
 
 
 def _mse():

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TINY_UNET
 from torch.utils.data import DataLoader, TensorDataset
 
 from vrg_lightning.checkpoint import load_denoiser
@@ -21,7 +22,6 @@ from vrg_lightning.data import (
 from vrg_lightning.denoiser import DIGITS_UNET
 from vrg_lightning.module import DiffusionModule, image_grid
 
-TINY = dict(DIGITS_UNET, block_out_channels=[8, 8, 8], norm_num_groups=4, attention_head_dim=8)
 
 
 class FixedNoise(DiffusionModule):
@@ -33,7 +33,7 @@ class FixedNoise(DiffusionModule):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_training_step_returns_the_protocol_fields_in_eps_space(prediction_type: str) -> None:
     torch.manual_seed(0)
-    m = FixedNoise(unet=TINY, prediction_type=prediction_type, num_classes=10, label_dropout=0.0)
+    m = FixedNoise(unet=TINY_UNET, prediction_type=prediction_type, num_classes=10, label_dropout=0.0)
     x0, y = torch.rand(3, 1, 16, 16) * 2 - 1, torch.tensor([1, 5, 9])
     out = m.training_step((x0, y), 0)
     t, eps = m.draw_noise(x0, None)
@@ -55,13 +55,13 @@ def test_label_dropout_uses_the_null_label() -> None:
     seen = []
 
     for p, expect_null in ((0.0, False), (0.999999, True)):
-        m = FixedNoise(unet=TINY, num_classes=4, label_dropout=p)
+        m = FixedNoise(unet=TINY_UNET, num_classes=4, label_dropout=p)
         orig = m.model.model_output
         m.model.model_output = lambda x, t, labels, orig=orig: seen.append(labels) or orig(x, t, labels)
         m.training_step((torch.zeros(3, 1, 16, 16), torch.tensor([0, 1, 2])), 0)
         assert torch.equal(seen[-1], torch.full((3,), 4) if expect_null else torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="no labels"):
-        FixedNoise(unet=TINY, num_classes=4).training_step(torch.zeros(3, 1, 16, 16), 0)
+        FixedNoise(unet=TINY_UNET, num_classes=4).training_step(torch.zeros(3, 1, 16, 16), 0)
 
 
 def test_constructor_validates_arguments() -> None:
@@ -70,12 +70,12 @@ def test_constructor_validates_arguments() -> None:
     for name, value in bad.items():
         kw = {name: value}
         with pytest.raises(ValueError, match=name):
-            DiffusionModule(unet=TINY, **kw)
+            DiffusionModule(unet=TINY_UNET, **kw)
 
 
 def test_fit_updates_ema_warms_up_lr_and_saves_a_weights_only_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    m = DiffusionModule(unet=TINY, lr=1e-2, warmup_steps=10, ema_decay=0.9)
+    m = DiffusionModule(unet=TINY_UNET, lr=1e-2, warmup_steps=10, ema_decay=0.9)
     ema_ids = {id(p) for p in m.ema.parameters()}
     init = [p.detach().clone() for p in m.model.parameters()]
     data = DataLoader(TensorDataset(torch.rand(24, 1, 16, 16) * 2 - 1), batch_size=8)
@@ -96,13 +96,13 @@ def test_fit_updates_ema_warms_up_lr_and_saves_a_weights_only_checkpoint(tmp_pat
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(den(x, torch.tensor(0.4)), m.ema.module.eval()(x, torch.tensor(0.4)))
-    other = DiffusionModule(unet=TINY, beta_end=0.03)
+    other = DiffusionModule(unet=TINY_UNET, beta_end=0.03)
     with pytest.raises(ValueError, match="noise schedule"):
         other.on_load_checkpoint(ckpt)
 
 
 def test_generate_and_grid() -> None:
-    m = DiffusionModule(unet=TINY, num_classes=3, sample_steps=3, guidance_scale=2.0)
+    m = DiffusionModule(unet=TINY_UNET, num_classes=3, sample_steps=3, guidance_scale=2.0)
     imgs = m.generate(5, seed=1)
     assert imgs.shape == (5, 1, 16, 16) and imgs.abs().max() <= 1
     torch.testing.assert_close(imgs, m.generate(5, seed=1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_data import REF
+from helpers import REF
 
 from vrg_lightning.optimize import (
     OptimizeResult,

@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts_sampling"))
+from helpers import make_checkpoint, make_reference, vrg_version
 
-from sampling_fixtures import make_checkpoint, make_reference, vrg_version  # noqa: E402
-
-from vrg_lightning import sampling  # noqa: E402
-from vrg_lightning.checkpoint import load_denoiser  # noqa: E402
-from vrg_lightning.cli import main  # noqa: E402
-from vrg_lightning.metrics import build_features, feature_stats, fid_of  # noqa: E402
-from vrg_lightning.sampling import (  # noqa: E402
+from vrg_lightning import sampling
+from vrg_lightning.checkpoint import load_denoiser
+from vrg_lightning.cli import main
+from vrg_lightning.metrics import build_features, feature_stats, fid_of
+from vrg_lightning.sampling import (
     generate,
     initial_noise,
     load_samples,
@@ -30,16 +28,14 @@ from vrg_lightning.sampling import (  # noqa: E402
     sample_labels,
     select_vrg_entry,
 )
-from vrg_lightning.trajectories import make_trajectory, save_trajectory  # noqa: E402
+from vrg_lightning.trajectories import make_trajectory, save_trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("sampling")
-    return {"ckpt": make_checkpoint(d / "model.ckpt"), "cond": make_checkpoint(d / "cond.ckpt", num_classes=3),
-            "ref": make_reference(d / "reference.pt"), "cache": d / "cache"}
+def files(sampling_files: dict[str, Path]) -> dict[str, Path]:
+    return sampling_files
 
 
 def _args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:

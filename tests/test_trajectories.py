@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_data import REF as REFERENCE
+from helpers import REF as REFERENCE
 
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_sigma
 from vrg_lightning.trajectories import BASES, load_trajectory, make_trajectory, save_trajectory, validate_trajectory

@@ -11,17 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts_sampling"))
+from helpers import make_checkpoint
 
-from sampling_fixtures import make_checkpoint  # noqa: E402
-
-from vrg_lightning.cli import main  # noqa: E402
-from vrg_lightning.discretization import Curvature  # noqa: E402
-from vrg_lightning.profile import ErrorProfile  # noqa: E402
-from vrg_lightning.sampling import resolve_trajectory  # noqa: E402
-from vrg_lightning.schedule import NoiseSchedule  # noqa: E402
-from vrg_lightning.trajectories import make_trajectory  # noqa: E402
-from vrg_lightning.tune import Candidate, TuneSettings, make_candidates, tune_cell  # noqa: E402
+from vrg_lightning.cli import main
+from vrg_lightning.discretization import Curvature
+from vrg_lightning.profile import ErrorProfile
+from vrg_lightning.sampling import resolve_trajectory
+from vrg_lightning.schedule import NoiseSchedule
+from vrg_lightning.trajectories import make_trajectory
+from vrg_lightning.tune import Candidate, TuneSettings, make_candidates, tune_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,7 +228,7 @@ def test_quality_smoke_run_is_resumable(tmp_path: Path) -> None:
 
 def test_profiler_tunes_at_fit_end(tmp_path: Path) -> None:
     import lightning.pytorch as pl
-    from sampling_fixtures import TINY_UNET  # noqa: E402
+    from helpers import TINY_UNET
     from torch.utils.data import DataLoader, TensorDataset
 
     from vrg_lightning.callbacks import VRGProfiler

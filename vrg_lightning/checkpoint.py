@@ -31,7 +31,9 @@ __all__ = [
     "load_checkpoint_file",
     "read_vrg",
     "load_denoiser",
+    "select_entry",
     "find_entry",
+    "matching_entries",
     "describe_entry",
     "check_same_schedule",
 ]
@@ -228,22 +230,41 @@ def matching_entries(vrg: Mapping[str, Any], solver: str, steps: int, base: str 
     return [dict(e) for e in vrg.get("entries", []) if ok(e)]
 
 
-def find_entry(vrg: Mapping[str, Any], solver: str, steps: int, base: str | None = None,
-               objective: str | None = None, lp: float | None = None) -> dict[str, Any]:
-    """The unique entry matching the given fields (``None`` = any).
+def select_entry(vrg: Mapping[str, Any] | None, solver: str, steps: int, base: str | None = None,
+                 objective: str | None = None, lp: float | None = None) -> dict[str, Any]:
+    """The stored entry for ``(solver, steps)`` and the optional fields (``None`` = any): the one lookup rule.
+
+    Among the matches, an entry that validated tuning selected (``validated.selected is True``) wins; otherwise the
+    match must be unique.
 
     Raises:
-        ValueError: no match or several matches; the message lists the stored entries.
+        ValueError: no ``vrg`` section, no match (the message lists the stored ``(solver, steps, base)``), or
+            several matches (the message lists them and the fields that pick one).
+
+    Example:
+        >>> vrg = {"entries": [{"solver": "ddim", "steps": 10, "base": "logSNR", "lp": 0.1, "alpha_bar": [0.9]}]}
+        >>> select_entry(vrg, "ddim", 10)["base"]
+        'logSNR'
     """
-    entries = list(vrg.get("entries", []))
-    want = {"solver": solver, "steps": int(steps), "base": base, "objective": objective, "lp": lp}
+    if not vrg:
+        raise ValueError(f"The checkpoint has no stored VRG trajectories (checkpoint['vrg']). To create them, "
+                         f"{HOW_TO_CREATE}; or sample a base trajectory.")
     found = matching_entries(vrg, solver, steps, base, objective, lp)
-    stored = "; ".join(describe_entry(e) for e in entries) or "none"
-    asked = "/".join(f"{k}={v}" for k, v in want.items() if v is not None)
+    asked = ", ".join(f"{k}={v}" for k, v in
+                      {"solver": solver, "steps": int(steps), "base": base, "objective": objective, "lp": lp}.items()
+                      if v is not None)
     if not found:
-        raise ValueError(f"No VRG trajectory for {asked}. Stored entries: {stored}. Compute more with "
-                         "`vrg profile` or `vrg optimize`.")
-    if len(found) > 1:
-        raise ValueError(f"{len(found)} VRG trajectories match {asked}: "
-                         f"{'; '.join(describe_entry(e) for e in found)}. Give base/objective/lp to pick one.")
-    return dict(found[0])
+        stored = sorted({(str(e.get("solver")), int(e.get("steps", 0)), str(e.get("base")))
+                         for e in vrg.get("entries", [])})
+        listing = ", ".join(f"({s}, {n}, {b})" for s, n, b in stored) or "none"
+        raise ValueError(f"No stored VRG trajectory for {asked}. Stored (solver, steps, base): {listing}. "
+                         "Optimize one with `vrg profile` or `vrg optimize`, or sample a base trajectory.")
+    selected = [e for e in found if isinstance(e.get("validated"), Mapping) and e["validated"].get("selected") is True]
+    pick = selected or found
+    if len(pick) > 1:
+        raise ValueError(f"{len(pick)} stored VRG trajectories match {asked}: "
+                         f"{'; '.join(describe_entry(e) for e in pick)}. Pick one by base, objective or lp.")
+    return dict(pick[0])
+
+
+find_entry = select_entry  # the earlier name

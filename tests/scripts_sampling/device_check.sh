@@ -11,7 +11,7 @@ else
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -c "import torch, diffusers, lightning, torchmetrics; print(torch.__version__, torch.cuda.get_device_name(), diffusers.__version__, lightning.__version__, torchmetrics.__version__)"
-python3 tests/scripts_sampling/sampling_fixtures.py /tmp/fx
+python3 tests/helpers.py /tmp/fx
 python3 sample.py --ckpt /tmp/fx/model.ckpt --trajectory vrg --base logSNR --steps 4 --num-samples 96 --shard-size 32 \
   --out /tmp/fx/out --reference /tmp/fx/reference.pt --cache-dir /tmp/fx/cache --accelerator gpu --devices 1 --no-progress
 python3 sample.py --ckpt /tmp/fx/model.ckpt --compare --trajectory time_uniform --steps 4 --seeds 0,1 --num-samples 32 \

@@ -1,11 +1,16 @@
-"""Tiny sampling fixtures: a random-weight digits-shaped UNet checkpoint with a profile and VRG entries.
+"""Shared test code: the tiny UNet, the published reference data, a tiny sampling checkpoint.
 
-Importable from tests and runnable as a script: ``python sampling_fixtures.py OUT_DIR`` writes ``model.ckpt`` and
-``reference.pt`` (64 real 16x16 digits in [-1, 1]).
+Imported by the tests as ``helpers`` (pytest puts ``tests/`` on ``sys.path``); fixtures built from it are in
+``conftest.py``. Runnable as a script for the device checks: ``python tests/helpers.py OUT_DIR`` writes
+``model.ckpt`` and ``reference.pt`` (64 real 16x16 digits in [-1, 1]).
+
+The reference data (``REF``) is looked up in order: ``$VRG_REFERENCE_DIR``, ``../shared/reference`` beside the
+checkout, ``/work/shared/reference``; tests that need it skip without it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,14 @@ from vrg_lightning.denoiser import DIGITS_UNET, Denoiser
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.trajectories import make_trajectory
 
+_CANDIDATES = [
+    os.environ.get("VRG_REFERENCE_DIR", ""),
+    str(Path(__file__).resolve().parents[2] / "shared" / "reference"),
+    "/work/shared/reference",
+]
+
+REF = next((Path(c) for c in _CANDIDATES if c and (Path(c) / "MSE_vs_alpha_bar_cifar10.txt").is_file()),
+           Path(_CANDIDATES[1]))
 TINY_UNET = dict(DIGITS_UNET, block_out_channels=[8, 8, 8], norm_num_groups=4, attention_head_dim=8)
 ENTRIES = (("ddim", 4, "time_uniform"), ("ddim", 4, "logSNR"), ("dpmpp_2m", 4, "time_uniform"))
 
