@@ -18,10 +18,9 @@ import torch
 
 from vrg_lightning.checkpoint import load_denoiser
 from vrg_lightning.data import load_real_images
-from vrg_lightning.metrics import build_features, feature_stats, fid_from_stats
+from vrg_lightning.evaluation import build_features, default_features, feature_stats, fid_from_stats
 from vrg_lightning.sampling import generate, image_shape
 from vrg_lightning.trajectories import make_trajectory
-from vrg_lightning.tune import default_features
 
 
 def main() -> None:

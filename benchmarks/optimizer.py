@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vrg_lightning.optimize import OptimizeSettings, _numpy_mse, _Problem, optimize_trajectory, trust_bounds  # noqa: E402
+from vrg_lightning.optimize import OptimizeSettings, SearchProblem, optimize_trajectory, trust_bounds  # noqa: E402
 from vrg_lightning.profile import load_profile  # noqa: E402
 from vrg_lightning.schedule import NoiseSchedule  # noqa: E402
 from vrg_lightning.trajectories import load_trajectory, make_trajectory  # noqa: E402
@@ -51,11 +51,11 @@ def timed(ab: torch.Tensor, mse, s: OptimizeSettings, repeats: int) -> tuple[obj
 
 
 # --- slow independent references ---------------------------------------------------------------------------------
-def projected_subgradient(prob: _Problem, y: np.ndarray, iters: int) -> float:
+def projected_subgradient(prob: SearchProblem, y: np.ndarray, iters: int) -> float:
     """Projected subgradient descent with diminishing steps (scaled by each box width); best value seen."""
     width = np.maximum(prob.hi - prob.lo, 1e-300)
     pinned = prob.alpha and prob.pinned
-    proj = prob._project_pinned if pinned else (lambda v: np.clip(v, prob.lo, prob.hi))
+    proj = prob.vars.project_pinned if pinned else (lambda v: np.clip(v, prob.lo, prob.hi))
     y = proj(y)
     best = math.inf
     for k in range(1, iters + 1):
@@ -73,11 +73,11 @@ def absolute_grid_dp(ab0: torch.Tensor, mse, s: OptimizeSettings, grid: int) -> 
     """Exact minimum over a grid of absolute log ᾱ values per step (uniform points plus every table row), by dynamic
     programming; transitions must satisfy the ratio box exactly (``alpha`` trust)."""
     n, ab = ab0.numel(), ab0.numpy()
-    mse_np = _numpy_mse(mse)
+    mse_np = mse.value_and_grad
     lo, hi = trust_bounds(ab0, s)
     llo, lhi = np.log(lo), np.log(hi)
     zlo, zhi = np.cumsum(llo), np.cumsum(lhi)
-    knots = np.log(mse.alpha_bar.numpy()[mse.alpha_bar.numpy() > 0])
+    knots = np.log(mse.knots[mse.knots > 0])
     grids = [np.union1d(np.linspace(zlo[i], zhi[i], grid), knots[(knots >= zlo[i]) & (knots <= zhi[i])])
              for i in range(n)]
     if s.pin_start:
@@ -105,7 +105,7 @@ def absolute_grid_dp(ab0: torch.Tensor, mse, s: OptimizeSettings, grid: int) -> 
 
 
 def references(ab: torch.Tensor, mse, s: OptimizeSettings, iters: int, grid: int) -> dict[str, float]:
-    prob = _Problem(ab, mse, s)
+    prob = SearchProblem(ab, mse, s)
     out = {"pgd_base": projected_subgradient(prob, prob.y0.copy(), iters)}
     rng = np.random.default_rng(0)
     out["pgd_random3"] = min(projected_subgradient(prob, prob.lo + (prob.hi - prob.lo) * rng.random(prob.n), iters)

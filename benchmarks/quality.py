@@ -9,10 +9,10 @@
 Per (solver, steps, base) cell, resumable (one JSON per cell, written atomically; a rerun skips finished cells and
 reuses the cached feature statistics of every (trajectory, seed)):
 
-1. grid: every VRG candidate of :func:`vrg_lightning.tune.make_candidates` (lp x objective x start free/pinned, and
-   the damped + discretisation-aware ``disc`` candidates for DDIM) against the base, paired FID over ``--seeds``
-   (same initial noise per seed), mean difference with its t-interval (``stats.paired_difference``);
-2. validated selection (:func:`vrg_lightning.tune.tune_cell`): screening = the grid seeds, confirmation on
+1. grid: every VRG candidate of :func:`vrg_lightning.evaluation.make_candidates` (lp x objective x start free/pinned,
+   and the damped + discretisation-aware ``disc`` candidates for DDIM) against the base, paired FID over ``--seeds``
+   (same initial noise per seed), mean difference with its t-interval (``evaluation.paired_difference``);
+2. validated selection (:func:`vrg_lightning.evaluation.tune_cell`): screening = the grid seeds, confirmation on
    ``--confirm-seeds``; then the chosen trajectory vs the base once more on ``--fresh-seeds`` (not used for tuning);
 3. for DDIM-like solvers, ``--analysis``: the measured discretisation error ``E‖x̂₀ - x₀^ref‖²/d`` (vs a 200-step
    reference from the same noise and the same start ᾱ) of the base and of each candidate, and its prediction.
@@ -37,9 +37,8 @@ from typing import Any
 
 import torch
 
-from vrg_lightning.io import atomic_write_json, atomic_write_text
-from vrg_lightning.stats import paired_difference, spearman
-from vrg_lightning.tune import (
+from vrg_lightning.evaluation import (
+    PIN_CHOICES,
     Candidate,
     FIDEvaluator,
     TuneSettings,
@@ -47,8 +46,11 @@ from vrg_lightning.tune import (
     make_candidates,
     measure_curvature,
     median,
+    paired_difference,
+    spearman,
     tune_cell,
 )
+from vrg_lightning.io import atomic_write_json, atomic_write_text
 
 GRIDS: dict[str, dict[str, Any]] = {
     "smoke": {"solvers": ("ddim",), "steps": (4,), "bases": ("time_uniform",), "lps": (0.03, 0.1),
@@ -73,7 +75,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", choices=tuple(GRIDS), default="small")
     p.add_argument("--solvers"), p.add_argument("--steps"), p.add_argument("--bases"), p.add_argument("--lps")
     p.add_argument("--objectives")
-    p.add_argument("--pin-start", default=None, choices=("free", "pinned", "both"),
+    p.add_argument("--pin-start", default=None, choices=PIN_CHOICES,
                    help="start free (lambda), pinned, or both (default: the grid's, else both)")
     p.add_argument("--reg-lambda", type=float, default=100.0)
     p.add_argument("--no-fix", action="store_true")
@@ -100,17 +102,22 @@ def settings_of(a: argparse.Namespace, channels: int) -> TuneSettings:
             g[k] = v
     grid_pin = g.pop("pin_start", "both")
     pin = a.pin_start or grid_pin
-    return TuneSettings(**g, pin_start=pin, reg_lambda=a.reg_lambda, fix=not a.no_fix,
-                        num_samples=a.num_samples, screen_seeds=_csv(a.seeds, int),
-                        confirm_seeds=_csv(a.confirm_seeds, int),
-                        features=default_features(a.features or "auto", channels), batch_size=a.batch_size,
-                        curvature_samples=32, curvature_steps=100)
+    return TuneSettings.from_dict({**g, "pin_start": pin, "reg_lambda": a.reg_lambda, "fix": not a.no_fix,
+                                   "num_samples": a.num_samples, "screen_seeds": _csv(a.seeds, int),
+                                   "confirm_seeds": _csv(a.confirm_seeds, int),
+                                   "features": default_features(a.features or "auto", channels),
+                                   "batch_size": a.batch_size, "curvature_samples": 32, "curvature_steps": 100})
 
 
 def analysis(denoiser: Any, solver: str, cands: list, curvature: Any, mse_fn: Any, n: int) -> list[dict[str, Any]]:
     """Measured vs predicted error of each candidate (DDIM-like): discretisation vs a 200-step reference from the
     candidate's own start, and the start ᾱ."""
-    from vrg_lightning.discretization import damped_cpe, disc_error, discretization_error, reference_trajectory
+    from vrg_lightning.optimize.discretization import (
+        damped_cpe,
+        disc_error,
+        discretization_error,
+        reference_trajectory,
+    )
     from vrg_lightning.sampling import image_shape, initial_noise
     from vrg_lightning.variance import cpe_paper
 
@@ -150,7 +157,7 @@ def candidates(path: Path, schedule: Any, profile: Any, st: TuneSettings, solver
 def run_cell(ev: FIDEvaluator, den: Any, schedule: Any, profile: Any, st: TuneSettings, solver: str, steps: int,
              base: str, curvature: Any, fresh: tuple[int, ...], do_analysis: bool, analysis_n: int,
              cache: dict, cand_path: Path) -> dict[str, Any]:
-    from vrg_lightning.discretization import DISC_SOLVERS
+    from vrg_lightning.variance import DDIM_LIKE
 
     t0, nfe0 = time.perf_counter(), ev.nfe
     cands = candidates(cand_path, schedule, profile, st, solver, steps, base, curvature, cache)
@@ -174,7 +181,7 @@ def run_cell(ev: FIDEvaluator, den: Any, schedule: Any, profile: Any, st: TuneSe
         fbf, ftf = ev.fids(solver, cands[0].alpha_bar, fresh), ev.fids(solver, chosen.alpha_bar, fresh)
         out["fresh"] = {"seeds": list(fresh), "fid_base": fbf, "fid_tuned": ftf,
                         "diff": paired_difference(fbf, ftf, st.confidence).to_dict()}
-    if do_analysis and solver in DISC_SOLVERS and curvature is not None:
+    if do_analysis and solver in DDIM_LIKE and curvature is not None:
         out["analysis"] = analysis(den, solver, cands, curvature, profile.mse_function(st.mse_mode), analysis_n)
     out["seconds"], out["image_evaluations"] = time.perf_counter() - t0, ev.nfe - nfe0
     return out
@@ -310,10 +317,9 @@ def gaussianity_md(profile: Any, every: int = 10) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from vrg_lightning.checkpoint import load_denoiser
-    from vrg_lightning.metrics import build_features
+    from vrg_lightning.evaluation import build_features, reference_for
     from vrg_lightning.profile import ErrorProfile
     from vrg_lightning.sampling import image_shape
-    from vrg_lightning.tune import reference_for
 
     a = parse(argv)
     if a.threads:
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         curv_path = out / "curvature.json"
         curvature = None
         if st.fix or a.analysis:
-            from vrg_lightning.discretization import Curvature
+            from vrg_lightning.optimize.discretization import Curvature
 
             if curv_path.is_file():
                 curvature = Curvature.from_dict(json.loads(curv_path.read_text()))

@@ -114,7 +114,7 @@ def main() -> None:
     dpm = DPMSolverMultistepScheduler(**DIFFUSERS_CFG, algorithm_type="dpmsolver++", solver_order=2,
                                       final_sigmas_type="zero", lower_order_final=True)
     ddim.set_timesteps(n)
-    from vrg_lightning.commands.export import export_trajectory
+    from vrg_lightning.export import export_trajectory
 
     ts = export_trajectory(make_trajectory(sched, "logSNR", n), sched, "timesteps").values
     dpm.set_timesteps(timesteps=ts)

@@ -1,6 +1,6 @@
 """Train the small digits classifier whose penultimate layer gives the ``digits`` FID features.
 
-Trains :class:`vrg_lightning.metrics.DigitsClassifier` on scikit-learn's 8x8 digits (pixels 0..16 mapped to
+Trains :class:`vrg_lightning.evaluation.DigitsClassifier` on scikit-learn's 8x8 digits (pixels 0..16 mapped to
 [-1, 1], the models' data range) with a fixed seed on the CPU, in well under a minute, and writes a plain
 ``state_dict`` (``torch.load(weights_only=True)`` loads it) to ``vrg_lightning/assets/digits_classifier.pt``.
 
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from vrg_lightning.evaluation import DIGITS_ASSET, DigitsClassifier
 from vrg_lightning.io import atomic_torch_save
-from vrg_lightning.metrics import DIGITS_ASSET, DigitsClassifier
 
 
 def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,9 +12,8 @@ import torch
 from helpers import TINY_UNET
 from torch.utils.data import DataLoader, TensorDataset
 
-from vrg_lightning.callbacks import VRGProfiler, compute_entries, probe_profile
+from vrg_lightning import TrajectoryGrid, VRGProfiler, probe_profile
 from vrg_lightning.checkpoint import read_vrg
-from vrg_lightning.denoiser import DIGITS_UNET
 from vrg_lightning.module import DiffusionModule
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.schedule import NoiseSchedule
@@ -126,8 +125,10 @@ def test_compute_entries_covers_the_grid_and_shares_paper_results() -> None:
     prof = ErrorProfile.for_schedule(SCHED, 20)
     lam = SCHED.t_to_lambda(torch.arange(0, 1000, 10).double())
     prof.update(lam, torch.randn(100, 64, generator=torch.Generator().manual_seed(0)) * torch.sigmoid(-lam)[:, None])
-    entries = compute_entries(prof, SCHED, solvers=["ddim", "dpmpp_2m"], steps=[5], bases=["time_uniform", "logSNR"],
-                              lps=[0.1])
+    from vrg_lightning.optimize.entries import compute_entries
+
+    grid = TrajectoryGrid(solvers=("ddim", "dpmpp_2m"), steps=(5,), bases=("time_uniform", "logSNR"), lps=(0.1,))
+    entries = compute_entries(prof, SCHED, grid)
     assert [(e["solver"], e["base"]) for e in entries] == [("ddim", "time_uniform"), ("ddim", "logSNR"),
                                                           ("dpmpp_2m", "time_uniform"), ("dpmpp_2m", "logSNR")]
     assert entries[0]["alpha_bar"] == entries[2]["alpha_bar"]  # the paper objective ignores the solver
@@ -158,10 +159,10 @@ def test_checkpoints_carry_profile_and_trajectories_and_resume_keeps_statistics(
     assert entry["steps"] == 4 and entry["cpe_after"] <= entry["cpe_before"]
     state = ckpt["callbacks"][cb.state_key]
     assert state["reduced"] and float(state["free_sums"][0].sum()) == pytest.approx(
-        float(cb.sums[0].sum()))  # 3 steps × 8 samples, decayed
+        float(cb.running.count.sum()))  # 3 steps × 8 samples, decayed
     cb2 = VRGProfiler(probe_at_fit_end=False, resave_last=False, **opt)
     _fit(tmp_path, cb2, max_steps=3, ckpt_path=str(tmp_path / "last.ckpt"))
-    torch.testing.assert_close(cb2.sums, cb.sums.cpu())
+    torch.testing.assert_close(cb2.running.sums, cb.running.sums.cpu())
     assert cb2.probe is not None and torch.equal(cb2.probe.s2, cb.probe.s2)
     cb3 = VRGProfiler(probe_at_fit_end=False, **opt)
     cb3.setup(*fake(schedule=NoiseSchedule(beta_end=0.03)), "fit")

@@ -1,4 +1,4 @@
-"""checkpoint["vrg"]: build/read round trip through weights_only files, errors, find_entry, load_denoiser."""
+"""checkpoint["vrg"]: build/read round trip through weights_only files, errors, select_entry, load_denoiser."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from vrg_lightning.checkpoint import (
     load_denoiser,
     model_section,
     read_vrg,
+    select_entry,
 )
-from vrg_lightning.denoiser import DIGITS_UNET
 from vrg_lightning.module import DiffusionModule
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.schedule import NoiseSchedule
@@ -89,18 +89,26 @@ def test_truncated_and_missing_files_give_clear_errors(tmp_path: Path) -> None:
         read_vrg(tmp_path / "absent.ckpt")
 
 
-def test_find_entry_unique_missing_and_ambiguous() -> None:
+def test_select_entry_unique_validated_missing_and_ambiguous() -> None:
     vrg = {"entries": [_entry("ddim", 10, "time_uniform"), _entry("ddim", 10, "logSNR"),
                        _entry("dpmpp_2m", 10, "logSNR", "solver", 0.2)]}
-    assert find_entry(vrg, "dpmpp_2m", 10)["objective"] == "solver"
-    assert find_entry(vrg, "ddim", 10, base="logSNR")["base"] == "logSNR"
-    with pytest.raises(ValueError, match="2 VRG trajectories match") as exc:
-        find_entry(vrg, "ddim", 10)
+    assert select_entry(vrg, "dpmpp_2m", 10)["objective"] == "solver"
+    assert select_entry(vrg, "ddim", 10, base="logSNR")["base"] == "logSNR"
+    with pytest.raises(ValueError, match="2 stored VRG trajectories match") as exc:
+        select_entry(vrg, "ddim", 10)
     assert "time_uniform" in str(exc.value) and "logSNR" in str(exc.value)
-    with pytest.raises(ValueError, match="No VRG trajectory.*Stored entries: ddim/10/time_uniform"):
-        find_entry(vrg, "ddim", 20)
-    with pytest.raises(ValueError, match="No VRG trajectory"):
-        find_entry(vrg, "dpmpp_2m", 10, lp=0.1)
+    with pytest.raises(ValueError, match=r"No stored VRG trajectory.*\(ddim, 10, logSNR\), \(ddim, 10, time_uniform\)"):
+        select_entry(vrg, "ddim", 20)
+    with pytest.raises(ValueError, match="No stored VRG trajectory"):
+        select_entry(vrg, "dpmpp_2m", 10, lp=0.1)
+    with pytest.raises(ValueError, match="no stored VRG trajectories"):
+        select_entry(None, "ddim", 10)
+    # a validated winner breaks the tie; two winners are ambiguous again
+    won = dict(_entry("ddim", 10, "karras"), validated={"selected": True})
+    assert select_entry({"entries": [*vrg["entries"], won]}, "ddim", 10)["base"] == "karras"
+    with pytest.raises(ValueError, match="2 stored"):
+        select_entry({"entries": [won, dict(won, base="leading")]}, "ddim", 10)
+    assert find_entry is select_entry
 
 
 def test_load_denoiser_rebuilds_ema_and_raw_weights(tmp_path: Path) -> None:

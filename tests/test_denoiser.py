@@ -9,7 +9,7 @@ import torch
 from helpers import TINY_UNET
 from torch import nn
 
-from vrg_lightning.denoiser import DIGITS_UNET, Denoiser
+from vrg_lightning.denoiser import Denoiser
 from vrg_lightning.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule()

@@ -12,7 +12,9 @@ import torch
 
 from vrg_lightning import discretization as dz
 from vrg_lightning.discretization import (
+    DISC_SOLVERS,
     Curvature,
+    DiscResult,
     damped_cpe,
     damping_factors,
     disc_error,
@@ -24,7 +26,7 @@ from vrg_lightning.discretization import (
 from vrg_lightning.optimize import OptimizeSettings, optimize_trajectory, trust_bounds
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda, alpha_bar_to_sigma
 from vrg_lightning.trajectories import make_trajectory
-from vrg_lightning.variance import cpe_paper
+from vrg_lightning.variance import DDIM_LIKE, cpe_contributions, cpe_paper
 
 C2 = 0.3  # data variance of the Gaussian toy model
 
@@ -85,6 +87,12 @@ def test_damping_and_damped_cpe() -> None:
     mse = lambda a: 0.1 + 0 * a  # noqa: E731
     assert float(damped_cpe(ab, mse, 0.25)) < float(cpe_paper(ab, mse))
     assert torch.isclose(damped_cpe(ab, mse, 1e12), cpe_paper(ab, mse))  # no damping for huge data variance
+    # each paper term times its factor, batched like cpe_paper
+    torch.testing.assert_close(damped_cpe(ab, mse, 0.25), (cpe_contributions(ab, mse) * f).sum(), rtol=1e-14, atol=0)
+    rows = torch.stack([ab, ab**1.1])
+    assert damped_cpe(rows, mse, 0.25).shape == (2,)
+    torch.testing.assert_close(damped_cpe(rows, mse, 0.25)[1], damped_cpe(ab**1.1, mse, 0.25))
+    assert DISC_SOLVERS == DDIM_LIKE
 
 
 def test_curvature_validation_and_round_trip() -> None:
@@ -108,8 +116,11 @@ def test_optimize_disc_improves_within_the_trust_region(setup, trust: str, pin: 
     mse = lambda a: 0.02 + 0.3 * a * (1 - a)  # noqa: E731
     st = OptimizeSettings(lp=0.05, trust=trust, pin_start=pin, reg_lambda=100.0)
     r = optimize_disc(base, mse, cur, st, damping=True, data_var=C2)
-    ab = torch.tensor(r["alpha_bar"], dtype=torch.float64)
-    assert r["loss"] <= r["loss_before"] and r["loss"] < 0.999 * r["loss_before"]
+    assert isinstance(r, DiscResult) and r.alpha_bar.dtype == torch.float64 and r.damping
+    ab = r.alpha_bar
+    assert r.loss <= r.loss_before and r.loss < 0.999 * r.loss_before
+    assert r.loss == pytest.approx(r.cpe_after + r.disc_after + (0 if pin else 100.0 * (ab[-1] - base[-1]) ** 2))
+    assert float(damped_cpe(ab, mse, C2)) == pytest.approx(r.cpe_after, rel=1e-14)
     assert bool((ab[1:] < ab[:-1]).all())
     lo, hi = trust_bounds(base, st)
     if trust == "logsnr":
@@ -130,5 +141,17 @@ def test_without_disc_and_damping_it_minimises_the_paper_cpe(setup) -> None:
     st = OptimizeSettings(lp=0.05, pin_start=True)
     r = optimize_disc(base, mse, cur, st, mode="none")
     ref = optimize_trajectory(base, mse, st)
-    assert abs(r["disc_after"]) == 0.0
-    assert r["cpe_after"] <= ref.cpe_after * (1 + 1e-3)  # same objective, same box: as good as the VRG optimizer
+    assert abs(r.disc_after) == 0.0
+    assert r.cpe_after <= ref.cpe_after * (1 + 1e-3)  # same objective, same box: as good as the VRG optimizer
+
+
+def test_disc_result_dict_keeps_the_stored_keys(setup) -> None:
+    """``vrg tune`` stores ``to_dict()``: the keys (and order) of the plain dict optimize_disc used to return; the
+    values read as ``r[key]`` as before."""
+    sch, _, cur = setup
+    r = optimize_disc(make_trajectory(sch, "logSNR", 5), lambda a: 0.1 + a, cur, OptimizeSettings(lp=0.05))
+    d = r.to_dict()
+    assert list(d) == ["alpha_bar", "base_alpha_bar", "cpe_before", "cpe_after", "disc_before", "disc_after",
+                       "loss_before", "loss", "seconds", "disc_mode", "damping"]
+    assert d["alpha_bar"] == r.alpha_bar.tolist() and all(type(v) is float for v in d["base_alpha_bar"])
+    assert r["loss"] == r.loss and r["disc_mode"] == "coherent" and r["damping"] is False

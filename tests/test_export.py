@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import doctest
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import make_checkpoint
-
+from vrg_lightning import export
 from vrg_lightning.checkpoint import read_vrg
 from vrg_lightning.cli import main
-from vrg_lightning.commands import export
-from vrg_lightning.commands.export import export_trajectory
+from vrg_lightning.export import export_trajectory
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_sigma
 from vrg_lightning.solvers import sample
@@ -97,7 +94,7 @@ def test_rounding_collision_is_an_error() -> None:
                                  dtype=torch.float64), descending=True).values
     with pytest.raises(ValueError, match="round to the same integer timestep 300"):
         export_trajectory(ab, SCHED, "timesteps")
-    with pytest.raises(ValueError, match="--format must be one of sigmas, timesteps; got 'karras'"):
+    with pytest.raises(ValueError, match="fmt must be one of sigmas, timesteps; got 'karras'"):
         export_trajectory(ab, SCHED, "karras")
 
 
@@ -116,7 +113,9 @@ def test_cli(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
     assert d["format"] == "timesteps" and d["source"] == "vrg" and d["base"] == "time_uniform"
     assert d["cpe_exported"] > 0 and d["cpe_change"] == pytest.approx(d["cpe_exported"] / d["cpe_exact"] - 1)
     assert main(["export", "--ckpt", str(ckpt), "--solver", "ddim", "--steps", "9", "--format", "sigmas"]) == 2
-    assert "Stored (solver, steps, base): (ddim, 4, logSNR)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--trajectory vrg --solver ddim --steps 9: No stored VRG trajectory" in err
+    assert "Stored (solver, steps, base): (ddim, 4, logSNR)" in err
 
 
 def test_cli_on_a_tuned_entry_reports_the_paper_cpe(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -19,9 +19,10 @@ from vrg_lightning.data import (
     load_real_images,
     patches_dataset,
 )
-from vrg_lightning.denoiser import DIGITS_UNET
-from vrg_lightning.module import DiffusionModule, image_grid
-
+from vrg_lightning.module import DiffusionModule
+from vrg_lightning.report import image_grid
+from vrg_lightning.sampling import generate
+from vrg_lightning.trajectories import make_trajectory
 
 
 class FixedNoise(DiffusionModule):
@@ -101,13 +102,34 @@ def test_fit_updates_ema_warms_up_lr_and_saves_a_weights_only_checkpoint(tmp_pat
         other.on_load_checkpoint(ckpt)
 
 
-def test_generate_and_grid() -> None:
-    m = DiffusionModule(unet=TINY_UNET, num_classes=3, sample_steps=3, guidance_scale=2.0)
+def test_generate_is_the_sampling_generator() -> None:
+    """The TensorBoard grid's images are ``vrg sample``'s: sampling.generate with the module's EMA denoiser,
+    trajectory, solver and guidance, sample i from (seed, i) whatever the batch."""
+    torch.manual_seed(0)
+    m = DiffusionModule(unet=TINY_UNET, num_classes=3, sample_steps=3, sample_solver="dpmpp_2m", sample_base="logSNR",
+                        guidance_scale=2.0)
+    with torch.no_grad():
+        for p in m.ema.module.parameters():  # EMA weights differ from the raw ones
+            p.add_(0.05 * torch.randn_like(p))
     imgs = m.generate(5, seed=1)
+    ab = make_trajectory(m.schedule, "logSNR", 3)
     assert imgs.shape == (5, 1, 16, 16) and imgs.abs().max() <= 1
-    torch.testing.assert_close(imgs, m.generate(5, seed=1))
+    assert torch.equal(imgs, generate(m.ema.module, ab, "dpmpp_2m", 5, 1, guidance_scale=2.0))
+    assert torch.equal(m.generate(5, seed=1, use_ema=False), generate(m.model, ab, "dpmpp_2m", 5, 1,
+                                                                      guidance_scale=2.0))
+    assert not torch.allclose(imgs, m.generate(5, seed=1, use_ema=False), atol=1e-3)
+    torch.testing.assert_close(m.generate(3, seed=1, batch_size=2), imgs[:3], atol=1e-4, rtol=0)
+    assert m.ema.module.training  # generate samples in eval mode and restores the mode
+    assert (m.generate(5, seed=2) - imgs).abs().max() > 0.1
+
+
+def test_image_grid() -> None:
     grid = image_grid(torch.rand(5, 1, 16, 16))
     assert grid.shape == (1, 3 * 17 + 1, 2 * 17 + 1)  # nrow = round(√5) = 2 columns, 3 rows
+    imgs = torch.rand(5, 1, 16, 16)
+    grid = image_grid(imgs, nrow=3, pad=2)
+    assert grid.shape == (1, 2 * 18 + 2, 3 * 18 + 2) and torch.equal(grid[:, 2:18, 20:36], imgs[1])
+    assert torch.equal(grid[:, 20:36, 38:54], torch.ones(1, 16, 16))  # the empty sixth cell is padding
 
 
 # --- datasets ------------------------------------------------------------------------------------------------------

@@ -9,15 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import REF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import REF
 
 from vrg_lightning.optimize import (
     OptimizeResult,
     OptimizeSettings,
-    _cpe_batch,
-    _Problem,
+    SearchProblem,
+    Variables,
     optimize_trajectory,
     optimize_with_profile,
     trajectory_loss,
@@ -185,23 +185,44 @@ def test_fit_mode_and_profile_helper(profile: ErrorProfile) -> None:
 @pytest.mark.parametrize("mode", ["paper", "fit"])
 @pytest.mark.parametrize("trust", ["alpha", "logsnr"])
 def test_numpy_fast_path_equals_torch(profile: ErrorProfile, mode: str, trust: str) -> None:
-    """The vectorised numpy loss/gradient and the generic torch (autograd) path are the same function."""
+    """The search's vectorised numpy loss/gradient and its torch (autograd) path are the same function of the
+    variables, and its batched loss is the paper cpe plus the start penalty."""
     mse_fn = profile.mse_function(mode)
     ab = make_trajectory(SCHED, "logSNR", 9)
-    fast = _Problem(ab, mse_fn, OptimizeSettings(mse_mode=mode, trust=trust))
-    slow = _Problem(ab, mse_fn, OptimizeSettings(mse_mode=mode, trust=trust))
+    s = OptimizeSettings(mse_mode=mode, trust=trust)
+    fast, slow = SearchProblem(ab, mse_fn, s), SearchProblem(ab, mse_fn, s)
     slow.np_mse = None
     assert fast.np_mse is not None
     g = np.random.default_rng(0)
-    for _ in range(5):
-        y = fast.lo + (fast.hi - fast.lo) * g.random(fast.n)
+    ys = fast.lo + (fast.hi - fast.lo) * g.random((5, fast.n))
+    for y in ys:
         f1, g1 = fast.value_and_grad(y)
         f2, g2 = slow.value_and_grad(y)
         assert f1 == pytest.approx(f2, rel=1e-12)
         np.testing.assert_allclose(g1, g2, rtol=1e-7, atol=1e-12)
-    abs_ = torch.stack([ab, ab * 0.99])
-    torch.testing.assert_close(_cpe_batch(abs_, mse_fn, OptimizeSettings()),
-                               torch.stack([cpe_paper(ab, mse_fn), cpe_paper(ab * 0.99, mse_fn)]))
+    abs_ = fast.vars.alpha_bar(torch.as_tensor(ys))
+    want = cpe_paper(abs_, mse_fn) + s.reg_lambda * (abs_[:, -1] - ab[-1]) ** 2
+    np.testing.assert_allclose(fast.losses(ys), want.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(slow.losses(ys), want.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("trust", ["alpha", "logsnr"])
+def test_variables_round_trip_and_pinned_projection(trust: str) -> None:
+    """y <-> alpha_bar in torch and numpy are inverse to each other; the pinned projection lands in the box with the
+    noisiest alpha_bar held, and is the identity on points that already satisfy both."""
+    ab = make_trajectory(SCHED, "time_quadratic", 7)
+    v = Variables(ab, OptimizeSettings(lp=0.05, trust=trust, pin_start=True))
+    y = v.from_alpha_bar(ab)
+    np.testing.assert_allclose(v.from_alpha_bar_np(ab.numpy()), y, rtol=1e-12)
+    torch.testing.assert_close(v.alpha_bar(torch.as_tensor(y)), ab, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(v.alpha_bar_np(y[None])[0], ab.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(v.coords(y), v.coords_of_alpha_bar(ab.numpy()), rtol=1e-12)
+    if trust == "alpha":
+        g = np.random.default_rng(1)
+        p = v.project_pinned(y + 0.05 * g.standard_normal(y.size))
+        assert (p >= v.lo - 1e-15).all() and (p <= v.hi + 1e-15).all()
+        assert p.sum() == pytest.approx(v.log_end, abs=1e-12)
+        np.testing.assert_allclose(v.project_pinned(v.y0), v.y0, atol=1e-15)
 
 
 def test_trust_bounds_formula() -> None:

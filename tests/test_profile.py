@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import REF
 from scipy import stats
 
 from vrg_lightning.profile import (

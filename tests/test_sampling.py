@@ -1,5 +1,5 @@
-"""Sampling: determinism by sample index, trajectory lookup, the resumable Lightning job (1 and 2 processes),
-refusal to mix runs, compare mode and CLI errors."""
+"""Sampling: determinism by sample index, trajectory lookup, the resumable Lightning job (1 process, 2 processes
+under ddp and ddp_spawn), refusal to mix runs, compare mode and CLI errors."""
 
 from __future__ import annotations
 
@@ -13,21 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import make_checkpoint, make_reference, vrg_version
+from helpers import vrg_version
 
 from vrg_lightning import sampling
-from vrg_lightning.checkpoint import load_denoiser
+from vrg_lightning.checkpoint import load_denoiser, select_entry
 from vrg_lightning.cli import main
-from vrg_lightning.metrics import build_features, feature_stats, fid_of
+from vrg_lightning.evaluation import build_features, feature_stats, fid_of
 from vrg_lightning.sampling import (
+    file_sha256,
     generate,
     initial_noise,
     load_samples,
     resolve_trajectory,
     sample_labels,
-    select_vrg_entry,
 )
+from vrg_lightning.sampling import job as sampling_job
 from vrg_lightning.trajectories import make_trajectory, save_trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,10 @@ def _report(out: Path) -> dict:
     return r
 
 
-def test_doctests() -> None:
-    assert doctest.testmod(sampling).failed == 0
+@pytest.mark.parametrize("module", ["seeds", "resolve", "job"])
+def test_doctests(module: str) -> None:
+    res = doctest.testmod(getattr(sampling, module))
+    assert res.failed == 0 and res.attempted > 0
 
 
 def test_noise_and_labels_depend_only_on_seed_and_index() -> None:
@@ -88,21 +90,22 @@ def test_generate_is_independent_of_batch_size(files: dict[str, Path]) -> None:
     assert (other - f1).abs().max() > 0.1
 
 
-def test_select_vrg_entry_prefers_validated_and_lists_stored() -> None:
+def test_select_vrg_entry_is_the_checkpoint_lookup_and_prefers_validated() -> None:
     def e(base: str, sel: bool | None = None, lp: float = 0.1) -> dict:
         return {"solver": "ddim", "steps": 10, "base": base, "lp": lp, "alpha_bar": [0.9, 0.1],
                 "validated": None if sel is None else {"selected": sel}}
 
+    assert sampling.select_vrg_entry is select_entry  # one lookup rule; the old name is an alias
     vrg = {"entries": [e("time_uniform"), e("logSNR", False), e("logSNR", True, lp=0.2), e("karras")]}
-    assert select_vrg_entry(vrg, "ddim", 10, base="logSNR")["lp"] == 0.2
-    assert select_vrg_entry(vrg, "ddim", 10, base="karras")["base"] == "karras"
-    assert select_vrg_entry(vrg, "ddim", 10)["lp"] == 0.2  # the one validated winner
+    assert select_entry(vrg, "ddim", 10, base="logSNR")["lp"] == 0.2
+    assert select_entry(vrg, "ddim", 10, base="karras")["base"] == "karras"
+    assert select_entry(vrg, "ddim", 10)["lp"] == 0.2  # the one validated winner
     with pytest.raises(ValueError, match=r"No stored VRG trajectory for solver=ddim, steps=20.*\(ddim, 10, karras\)"):
-        select_vrg_entry(vrg, "ddim", 20)
+        select_entry(vrg, "ddim", 20)
     with pytest.raises(ValueError, match="2 stored VRG trajectories match"):
-        select_vrg_entry({"entries": [e("a"), e("b")]}, "ddim", 10)
+        select_entry({"entries": [e("a"), e("b")]}, "ddim", 10)
     with pytest.raises(ValueError, match="no stored VRG|has none"):
-        select_vrg_entry(None, "ddim", 10)
+        select_entry(None, "ddim", 10)
 
 
 def test_resolve_trajectory(files: dict[str, Path], tmp_path: Path) -> None:
@@ -113,12 +116,32 @@ def test_resolve_trajectory(files: dict[str, Path], tmp_path: Path) -> None:
     assert torch.equal(resolve_trajectory(den.schedule, vrg, "ddim", 4, "logSNR").tensor, base)
     save_trajectory(tmp_path / "t.txt", base)
     assert torch.allclose(resolve_trajectory(den.schedule, None, "ddim", None, str(tmp_path / "t.txt")).tensor, base)
-    with pytest.raises(ValueError, match="holds 4 values but --steps is 5"):
+    with pytest.raises(ValueError, match="holds 4 values but steps is 5"):
         resolve_trajectory(den.schedule, None, "ddim", 5, str(tmp_path / "t.txt"))
-    with pytest.raises(ValueError, match="must be a base name .* got 'fancy'"):
+    with pytest.raises(ValueError, match="trajectory must be a base name .* got 'fancy'"):
         resolve_trajectory(den.schedule, vrg, "ddim", 4, "fancy")
+    with pytest.raises(ValueError, match="trajectory 'logSNR' needs steps"):
+        resolve_trajectory(den.schedule, vrg, "ddim", None, "logSNR")
     with pytest.raises(ValueError, match=r"Stored \(solver, steps, base\): \(ddim, 4, logSNR\)"):
         resolve_trajectory(den.schedule, vrg, "ddim", 7, "vrg")
+
+
+def test_a_tuned_entry_that_kept_its_base_says_so_on_the_trajectory(files: dict[str, Path], tmp_path: Path,
+                                                                      capsys) -> None:
+    den, vrg = load_denoiser(files["ckpt"])
+    base = make_trajectory(den.schedule, "karras", 4).tolist()
+    kept = {"solver": "ddim", "steps": 4, "base": "karras", "objective": "base", "alpha_bar": base,
+            "validated": {"selected": False, "reason": "not confirmed"}}
+    t = resolve_trajectory(den.schedule, {**vrg, "entries": [kept]}, "ddim", 4, "vrg")
+    assert list(t.alpha_bar) == base and "kept the base karras for ddim/4 (not confirmed)" in t.note
+    assert resolve_trajectory(den.schedule, vrg, "ddim", 4, "vrg", base="logSNR").note is None
+    assert capsys.readouterr().err == ""  # the library prints nothing; the CLI prints the note
+    raw = torch.load(files["ckpt"], weights_only=True)
+    raw["vrg"]["entries"].append(kept)
+    torch.save(raw, tmp_path / "tuned.ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "tuned.ckpt"), "--solver", "ddim", "--steps", "4", "--base",
+                 "karras", "--format", "sigmas"]) == 0
+    assert "vrg: validated tuning kept the base karras" in capsys.readouterr().err
 
 
 def test_job_report_resume_and_refusal(files: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
@@ -134,7 +157,7 @@ def test_job_report_resume_and_refusal(files: dict[str, Path], tmp_path: Path, m
     assert torch.allclose(load_samples(out), expected, atol=1e-6, rtol=0)
     raw, _ = load_denoiser(files["ckpt"], use_ema=False)
     assert not torch.allclose(generate(raw.double(), ab, "ddim", 10, seed=0), expected, atol=1e-3)
-    assert rep["checkpoint"]["sha256"] == sampling.file_sha256(files["ckpt"]) and rep["checkpoint"]["weights"] == "ema"
+    assert rep["checkpoint"]["sha256"] == file_sha256(files["ckpt"]) and rep["checkpoint"]["weights"] == "ema"
     ext = build_features("digits")
     ref = feature_stats(torch.load(files["ref"], weights_only=True), ext)
     assert rep["fid"]["metric"] == "FID[digits-classifier]"
@@ -146,7 +169,7 @@ def test_job_report_resume_and_refusal(files: dict[str, Path], tmp_path: Path, m
     (out / "report.json").unlink()
     (out / "shards" / "samples_00000004-00000008.pt").unlink()
     (out / "shards" / "samples_00000008-00000010.pt").unlink()
-    real_save, writes = sampling.atomic_torch_save, []
+    real_save, writes = sampling_job.atomic_torch_save, []
 
     def crash_after_one(path, obj):
         if writes:
@@ -154,11 +177,11 @@ def test_job_report_resume_and_refusal(files: dict[str, Path], tmp_path: Path, m
         writes.append(path)
         real_save(path, obj)
 
-    monkeypatch.setattr(sampling, "atomic_torch_save", crash_after_one)
+    monkeypatch.setattr(sampling_job, "atomic_torch_save", crash_after_one)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(args)
     assert not (out / "report.json").exists() and len(list((out / "shards").glob("*.pt"))) == 2
-    monkeypatch.setattr(sampling, "atomic_torch_save", real_save)
+    monkeypatch.setattr(sampling_job, "atomic_torch_save", real_save)
     assert main(args[:-4] + ["--batch-size", "5", "--precision", "64-true"]) == 0  # batch size may change
     assert _report(out) == rep
 
@@ -169,14 +192,18 @@ def test_job_report_resume_and_refusal(files: dict[str, Path], tmp_path: Path, m
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == before
 
 
-def test_two_processes_write_the_same_samples_and_fid(files: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+def test_two_processes_ddp_and_ddp_spawn_write_the_same_samples_and_fid(files: dict[str, Path], tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
     common = ["--trajectory", "logSNR", "--num-samples", "12", "--shard-size", "4", "--batch-size", "2",
               "--features", "pixels"]
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned and launched processes inherit it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same kernels as each DDP process
     try:
         assert main(_args(files, tmp_path / "one", *common)) == 0
+        # ddp_spawn: the job's module and writer are pickled into two spawned processes
+        assert main(_args(files, tmp_path / "spawn", *common, "--devices", "2", "--strategy", "ddp_spawn")) == 0
+        assert "FID[pixels]=" in capsys.readouterr().out  # the report comes back to the launching process
     finally:
         torch.set_num_threads(threads)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -184,12 +211,15 @@ def test_two_processes_write_the_same_samples_and_fid(files: dict[str, Path], tm
            "--strategy", "ddp"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _report(tmp_path / "one"), _report(tmp_path / "two")
-    assert json.loads((tmp_path / "two" / "report.json").read_text())["run"]["world_size"] == 2
-    assert torch.allclose(load_samples(tmp_path / "one"), load_samples(tmp_path / "two"), atol=1e-6, rtol=0)
-    assert one["fid"]["metric"] == "FID[pixels]" and one["fid"]["num_images"] == two["fid"]["num_images"] == 12
-    assert two["fid"]["value"] == pytest.approx(one["fid"]["value"], rel=1e-6)
-    assert one["job"] == two["job"]
+    one = _report(tmp_path / "one")
+    assert one["fid"]["metric"] == "FID[pixels]" and one["fid"]["num_images"] == 12
+    for run in ("two", "spawn"):
+        other = _report(tmp_path / run)
+        assert json.loads((tmp_path / run / "report.json").read_text())["run"]["world_size"] == 2
+        assert torch.allclose(load_samples(tmp_path / "one"), load_samples(tmp_path / run), atol=1e-6, rtol=0)
+        assert other["fid"]["num_images"] == 12 and other["fid"]["value"] == pytest.approx(one["fid"]["value"],
+                                                                                           rel=1e-6)
+        assert other["job"] == one["job"]
 
 
 def test_compare_mode(files: dict[str, Path], tmp_path: Path) -> None:
@@ -224,8 +254,11 @@ def test_compare_mode(files: dict[str, Path], tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--trajectory", "vrg", "--steps", "7"], r"Stored \(solver, steps, base\): \(ddim, 4, logSNR\)"),
-        (["--trajectory", "nope"], "must be a base name"),
+        (["--trajectory", "vrg", "--steps", "7"],
+         r"--trajectory vrg --solver ddim --steps 7: No .*Stored \(solver, steps, base\): \(ddim, 4, logSNR\)"),
+        (["--trajectory", "vrg"], "--trajectory vrg needs --steps N"),
+        (["--trajectory", "nope"], "--trajectory nope --steps 4: trajectory must be a base name"),
+        (["--solver", "ddim,dpmpp_2m"], "Several values in --solver need --compare"),
         (["--trajectory", "logSNR", "--features", "inception"], "weights-inception-2015-12-05"),
         (["--compare", "--devices", "2"], "--compare runs in one process"),
         (["--trajectory", "logSNR", "--num-samples", "0"], "--num-samples must be a positive integer"),
@@ -235,9 +268,22 @@ def test_compare_mode(files: dict[str, Path], tmp_path: Path) -> None:
 )
 def test_cli_errors(files: dict[str, Path], tmp_path: Path, capsys, extra: list[str], message: str) -> None:
     args = _args(files, tmp_path / "err", *extra)
-    if "--steps" in extra:
+    if "--steps" in extra or extra == ["--trajectory", "vrg"]:
         i = args.index("--steps")
         del args[i : i + 2]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+
+
+def test_list_flags_take_comma_lists_with_choices_from_the_package(files: dict[str, Path], tmp_path: Path,
+                                                                    capsys) -> None:
+    from vrg_lightning.solvers import SOLVERS
+
+    with pytest.raises(SystemExit):
+        main(_args(files, tmp_path / "x", "--solver", "ddim,fancy"))
+    err = capsys.readouterr().err
+    assert "--solver: unknown 'fancy'; allowed: " + ", ".join(SOLVERS) in err
+    with pytest.raises(SystemExit):
+        main(_args(files, tmp_path / "x", "--compare", "--seeds", "0,a"))
+    assert "--seeds must be a comma list of int" in capsys.readouterr().err

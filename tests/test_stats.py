@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vrg_lightning.stats import paired_difference, spearman
+from vrg_lightning.evaluation import median, paired_difference, spearman
 
 
 def test_paired_interval_matches_scipy_ttest() -> None:
@@ -39,3 +39,10 @@ def test_spearman_monotone() -> None:
     r, _ = spearman([1, 2, 3, 4], [10, 20, 25, 100])
     assert r == pytest.approx(1.0)
     assert math.isnan(spearman([1, 2], [2, 1])[0])
+
+
+def test_median_and_the_old_import_path() -> None:
+    from vrg_lightning import stats
+
+    assert median([5.0, 1.0, 3.0]) == 3.0 and median([4.0, 1.0, 3.0, 2.0]) == 2.5 and math.isnan(median([]))
+    assert stats.paired_difference is paired_difference

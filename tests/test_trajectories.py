@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REF as REFERENCE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import REF as REFERENCE
 
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_sigma
 from vrg_lightning.trajectories import BASES, load_trajectory, make_trajectory, save_trajectory, validate_trajectory

@@ -1,5 +1,6 @@
-"""Validated selection (vrg tune): settings, candidates, the two-stage decision, the new checkpoint (input untouched,
-plain types), sampling the validated entry, the VRGProfiler option and a smoke run of benchmarks/quality.py."""
+"""Validated selection (vrg tune): settings (composing TrajectoryGrid, the flat stored format), candidates (through
+the optimizer's one entry builder), the two-stage decision, the new checkpoint (input untouched, plain types),
+sampling the validated entry, the VRGProfiler option and a smoke run of benchmarks/quality.py."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_checkpoint
 
 from vrg_lightning.cli import main
-from vrg_lightning.discretization import Curvature
+from vrg_lightning.evaluation import TUNE_GRID, Candidate, TuneSettings, make_candidates, tune_cell
+from vrg_lightning.optimize import TrajectoryGrid
+from vrg_lightning.optimize.discretization import Curvature
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.sampling import resolve_trajectory
 from vrg_lightning.schedule import NoiseSchedule
 from vrg_lightning.trajectories import make_trajectory
-from vrg_lightning.tune import Candidate, TuneSettings, make_candidates, tune_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,19 +29,68 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+# the flat settings dict as vrg tune stored it before TuneSettings composed TrajectoryGrid (vrg["tune"]["settings"])
+STORED = {"solvers": ["ddim"], "steps": [4], "bases": ["time_uniform"], "lps": [0.1], "objectives": ["paper", "solver"],
+          "pin_start": "both", "reg_lambda": 100.0, "trust": "alpha", "mse_mode": "fit", "fix": True,
+          "num_samples": 16, "screen_seeds": [0, 1], "confirm_seeds": [3, 4], "features": "digits",
+          "confidence": 0.95, "rank_by": "upper", "batch_size": 256, "curvature_samples": 32, "curvature_steps": 100}
+
+
+def test_doctests() -> None:
+    import doctest
+
+    from vrg_lightning.evaluation import tune
+
+    assert doctest.testmod(tune).failed == 0
+
+
+def _flat(**changes) -> TuneSettings:
+    return TuneSettings.from_dict(changes)
+
+
 def test_settings_validate_and_round_trip() -> None:
-    s = TuneSettings(lps=(0.01, 0.1), screen_seeds=(0, 1), confirm_seeds=(5, 6))
+    s = _flat(lps=(0.01, 0.1), screen_seeds=(0, 1), confirm_seeds=(5, 6))
     assert TuneSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     with pytest.raises(ValueError, match="must be disjoint"):
-        TuneSettings(screen_seeds=(0, 1), confirm_seeds=(1, 2))
+        _flat(screen_seeds=(0, 1), confirm_seeds=(1, 2))
     with pytest.raises(ValueError, match="pin_start must be one of free, pinned, both; got 'x'"):
-        TuneSettings(pin_start="x")
-    with pytest.raises(ValueError, match="solvers must be a non-empty list"):
-        TuneSettings(solvers=("euler",))
+        _flat(pin_start="x")
+    with pytest.raises(ValueError, match="solvers must be a non-empty list"):  # TrajectoryGrid's check
+        _flat(solvers=("euler",))
     with pytest.raises(ValueError, match="confirm_seeds needs >= 2"):
-        TuneSettings(confirm_seeds=(7,))
-    with pytest.raises(ValueError, match="lp must be a number strictly between 0 and 1"):
-        TuneSettings(lps=(1.5,))
+        _flat(confirm_seeds=(7,))
+    with pytest.raises(ValueError, match="lp must be a number strictly between 0 and 1"):  # OptimizeSettings'
+        _flat(lps=(1.5,))
+    with pytest.raises(ValueError, match="grid.steps must hold at least one"):
+        _flat(steps=())
+    with pytest.raises(ValueError, match="features must be one of auto, digits"):
+        _flat(features="clip")
+
+
+def test_settings_compose_the_grid_and_keep_the_stored_flat_format() -> None:
+    s = TuneSettings.from_dict(STORED)
+    assert s.to_dict() == STORED  # the stored format (keys and values) is unchanged
+    assert s.grid == TrajectoryGrid(solvers=("ddim",), steps=(4,), bases=("time_uniform",), lps=(0.1,),
+                                    objectives=("paper", "solver"))
+    assert (s.steps, s.lps, s.reg_lambda, s.pins()) == ((4,), (0.1,), 100.0, (False, True))
+    # tune's own defaults for lps/objectives (validation chooses among several); the rest is the grid's
+    d = TuneSettings()
+    assert d.grid == TUNE_GRID and (d.lps, d.objectives) == ((0.01, 0.03, 0.1, 0.3), ("paper", "solver"))
+    assert (d.reg_lambda, d.trust, d.mse_mode, d.bases) == (TrajectoryGrid().reg_lambda, TrajectoryGrid().trust,
+                                                           TrajectoryGrid().mse_mode, TrajectoryGrid().bases)
+    assert s.replace(num_samples=32, lps=[0.03]).to_dict() == {**STORED, "num_samples": 32, "lps": [0.03]}
+    with pytest.raises(ValueError, match="grid.pin_start must be False"):
+        TuneSettings(grid=TUNE_GRID.replace(pin_start=True))
+
+
+def test_settings_read_the_yaml_tune_settings() -> None:
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    cb = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("VRGProfiler"))
+    flat = cb["init_args"]["tune_settings"]
+    s = TuneSettings.from_dict(flat)
+    assert all(s.to_dict()[k] == v for k, v in flat.items())
 
 
 def _profile() -> tuple[NoiseSchedule, ErrorProfile]:
@@ -52,7 +102,7 @@ def _profile() -> tuple[NoiseSchedule, ErrorProfile]:
 def test_candidates_base_first_distinct_and_pinned() -> None:
     sch, prof = _profile()
     cur = Curvature((-10.0, 0.0, 10.0), (1e-5, 1e-4, 1e-3), data_var=0.25)
-    st = TuneSettings(lps=(0.03, 0.1), objectives=("paper", "solver"), pin_start="both")
+    st = _flat(lps=(0.03, 0.1), objectives=("paper", "solver"), pin_start="both")
     c = make_candidates(sch, prof, "ddim", 10, "time_quadratic", st, cur)
     base = make_trajectory(sch, "time_quadratic", 10)
     assert c[0].kind == "base" and torch.equal(c[0].tensor, base)
@@ -62,7 +112,7 @@ def test_candidates_base_first_distinct_and_pinned() -> None:
     for x in c[1:]:
         if x.info["pin_start"]:
             assert x.alpha_bar[-1] == float(base[-1])
-    st = TuneSettings(lps=(0.1,), objectives=("paper", "solver"), pin_start="pinned")
+    st = _flat(lps=(0.1,), objectives=("paper", "solver"), pin_start="pinned")
     other = make_candidates(sch, prof, "dpmpp_2m", 5, "time_quadratic", st, cur)
     assert "disc" not in {x.kind for x in other}  # the Euler error model is DDIM's only
     assert any(x.info.get("objective") == "solver" for x in other)
@@ -92,7 +142,7 @@ def _cands() -> list[Candidate]:
 
 @pytest.mark.parametrize("case", ["selected", "not_confirmed", "none_better"])
 def test_tune_cell_two_stage_decision(case: str) -> None:
-    st = TuneSettings(screen_seeds=(0, 1), confirm_seeds=(5, 6, 7))
+    st = _flat(screen_seeds=(0, 1), confirm_seeds=(5, 6, 7))
     cands = _cands()
     labels = {c.alpha_bar: c.label for c in cands}
     base = {0: 10.0, 1: 11.0, 5: 10.0, 6: 12.0, 7: 11.0}
@@ -119,7 +169,7 @@ def test_tune_cell_two_stage_decision(case: str) -> None:
 @pytest.mark.parametrize("rank_by", ["upper", "mean"])
 def test_tune_cell_ranks_by_upper_bound_or_mean(rank_by: str) -> None:
     # a: large but erratic gain (-3.0 +- 3.0 over seeds); b: smaller, consistent gain (-1.0 +- 0.1)
-    st = TuneSettings(screen_seeds=(0, 1, 2), confirm_seeds=(5, 6, 7), rank_by=rank_by)
+    st = _flat(screen_seeds=(0, 1, 2), confirm_seeds=(5, 6, 7), rank_by=rank_by)
     cands = _cands()
     labels = {c.alpha_bar: c.label for c in cands}
     base = {0: 10.0, 1: 11.0, 2: 12.0, 5: 10.0, 6: 12.0, 7: 11.0}
@@ -127,7 +177,7 @@ def test_tune_cell_ranks_by_upper_bound_or_mean(rank_by: str) -> None:
          "b": {0: 9.0, 1: 9.9, 2: 11.1, 5: 9.0, 6: 11.0, 7: 10.0}}
     chosen, rec = tune_cell(FakeEvaluator(t, labels), "ddim", cands, st)
     assert rec["candidate"] == ("b" if rank_by == "upper" else "a") and rec["rank_by"] == rank_by
-    with pytest.raises(ValueError, match="rank_by"):
+    with pytest.raises(ValueError, match="rank_by must be one of upper, mean"):
         TuneSettings(rank_by="median")
 
 
@@ -151,7 +201,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"ckpt": ckpt, "out": out}
 
 
-def test_tuned_checkpoint_holds_plain_validated_entries(tuned: dict[str, Path], capsys) -> None:
+def test_tuned_checkpoint_holds_plain_validated_entries(tuned: dict[str, Path]) -> None:
     raw = torch.load(tuned["out"], weights_only=True)
     vrg = raw["vrg"]
     cell = [e for e in vrg["entries"] if (e["solver"], e["steps"], e["base"]) == ("ddim", 4, "time_uniform")]
@@ -163,13 +213,12 @@ def test_tuned_checkpoint_holds_plain_validated_entries(tuned: dict[str, Path], 
               "seeds", "features"):
         assert k in v
     assert v["num_samples"] == 16 and v["features"] == "digits-classifier" and isinstance(v["selected"], bool)
-    assert "curvature" in vrg and vrg["tune"]["settings"]["num_samples"] == 16
+    assert "curvature" in vrg and vrg["tune"]["settings"] == STORED  # the stored settings format is unchanged
     base = make_trajectory(NoiseSchedule(), "time_uniform", 4).tolist()
     assert (cell[0]["alpha_bar"] == base) is (not v["selected"])  # base kept <=> the entry samples the base
     traj = resolve_trajectory(NoiseSchedule(), vrg, "ddim", 4, "vrg", base="time_uniform")
     assert list(traj.alpha_bar) == cell[0]["alpha_bar"]
-    err = capsys.readouterr().err
-    assert ("kept the base time_uniform" in err) is (not v["selected"])
+    assert ("kept the base time_uniform" in (traj.note or "")) is (not v["selected"])
 
 
 def test_tune_refuses_to_overwrite_its_input(tuned: dict[str, Path], capsys) -> None:
@@ -177,13 +226,13 @@ def test_tune_refuses_to_overwrite_its_input(tuned: dict[str, Path], capsys) -> 
     assert rc == 2 and "never overwrites its input" in capsys.readouterr().err
 
 
-def test_resolve_says_when_the_base_was_kept(capsys) -> None:
+def test_resolve_says_when_the_base_was_kept() -> None:
     sch = NoiseSchedule()
     base = make_trajectory(sch, "logSNR", 5).tolist()
     vrg = {"entries": [{"solver": "ddim", "steps": 5, "base": "logSNR", "alpha_bar": base,
                         "validated": {"selected": False, "reason": "not confirmed"}}]}
     t = resolve_trajectory(sch, vrg, "ddim", 5, "vrg")
-    assert list(t.alpha_bar) == base and "sampling the base trajectory" in capsys.readouterr().err
+    assert list(t.alpha_bar) == base and "sampling the base trajectory" in t.note
 
 
 def test_profiler_option_validates_settings() -> None:
@@ -253,13 +302,31 @@ def test_profiler_tunes_at_fit_end(tmp_path: Path) -> None:
     assert t["train_seconds"] > 0 and t["fraction_of_training"] == pytest.approx(t["seconds"] / t["train_seconds"])
 
 
-def test_tune_checkpoint_refuses_an_existing_out_file(tmp_path) -> None:
-    from vrg_lightning.tune import TuneSettings, default_features, tune_checkpoint
+def test_tune_checkpoint_refuses_an_existing_out_file(tmp_path, capsys) -> None:
+    from vrg_lightning.evaluation import tune_checkpoint
 
     out = tmp_path / "tuned.ckpt"
     out.write_bytes(b"earlier result")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match=r"exists; pass force=True"):  # Python wording in the library
         tune_checkpoint(tmp_path / "model.ckpt", out, TuneSettings(), "digits")
+    with pytest.raises(ValueError, match="never overwrites its input"):
+        tune_checkpoint(out, out, TuneSettings(), "digits")
+    rc = main(["tune", "--ckpt", str(tmp_path / "model.ckpt"), "--out", str(out)])
+    assert rc == 2 and "--out" in (err := capsys.readouterr().err) and "pass --force" in err  # flags in the CLI
     assert out.read_bytes() == b"earlier result"
-    assert default_features("auto", 1) == "digits" and default_features("auto", 3) == "pixels"
-    assert default_features("inception", 1) == "inception"
+    rc = main(["tune", "--ckpt", str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "new.ckpt"), "--features",
+               "inception"])
+    assert rc == 2 and "--inception-weights" in capsys.readouterr().err
+
+
+def test_tune_flags_take_comma_lists_and_name_lists_as_choices(capsys) -> None:
+    from vrg_lightning.cli import build_parser
+
+    args = build_parser().parse_args(["tune", "--ckpt", "a", "--out", "b", "--solvers", "ddim,dpmpp_2m", "--steps",
+                                      "4", "10", "--lps", "0.1,0.3", "--seeds", "0,1", "--trust", "logsnr"])
+    assert args.solvers == ("ddim", "dpmpp_2m") and args.steps == (4, 10) and args.lps == (0.1, 0.3)
+    assert args.seeds == (0, 1) and args.confirm_seeds == TuneSettings().confirm_seeds and args.trust == "logsnr"
+    assert args.reg_lambda == TuneSettings().reg_lambda and args.pin_start == TuneSettings().pin_start
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tune", "--ckpt", "a", "--out", "b", "--solvers", "ddim,euler"])
+    assert "'euler'" in capsys.readouterr().err

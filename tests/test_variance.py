@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vrg_lightning.solvers import SOLVERS, num_evaluations, sample
 from vrg_lightning.variance import (
-    _ddim_weights,
+    DDIM_LIKE,
     cpe,
     cpe_contributions,
     cpe_paper,
+    cpe_paper_numpy,
     cpe_solver,
+    paper_term_numpy,
     propagation,
     propagation_weights,
 )
@@ -26,6 +29,11 @@ B = torch.randn(4, dtype=torch.float64, generator=_gen)
 def mse(ab: torch.Tensor) -> torch.Tensor:
     """A smooth positive error profile, larger at low noise like real ones."""
     return 0.02 + 0.3 * ab**2 + 0.05 * torch.sin(7 * ab) ** 2
+
+
+def mse_np(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mse` in numpy with its derivative (written independently of torch)."""
+    return 0.02 + 0.3 * ab**2 + 0.05 * np.sin(7 * ab) ** 2, 0.6 * ab + 0.35 * np.sin(14 * ab)
 
 
 def random_trajectory(n: int, seed: int) -> torch.Tensor:
@@ -54,14 +62,52 @@ def test_ddim_solver_cpe_equals_paper_cpe(n: int) -> None:
 
 @pytest.mark.parametrize("final", [1.0, 0.9999995])
 def test_closed_form_ddim_weights_equal_generic(final: float) -> None:
+    """The DDIM-like solvers' solver-aware terms (a closed form) are those of running the solver code."""
     ab = random_trajectory(20, 5)
-    for solver in ("ddim", "dpmsolver1"):
-        torch.testing.assert_close(
-            _ddim_weights(ab, final), propagation_weights(solver, ab, final_alpha_bar=final), rtol=1e-12, atol=1e-12
-        )
+    for solver in DDIM_LIKE:
         generic = propagation(solver, ab, final_alpha_bar=final)
         terms = cpe_contributions(ab, mse, "solver", solver, final_alpha_bar=final)
         torch.testing.assert_close(terms, generic.weights**2 * mse(generic.alpha_bar), rtol=1e-12, atol=1e-12)
+        if final == 1.0:
+            torch.testing.assert_close(terms, cpe_contributions(ab, mse, "paper"), rtol=1e-12, atol=1e-14)
+
+
+def test_cpe_paper_is_batched_and_weighted() -> None:
+    """[..., N] -> [...], each row its own cpe; weights multiply each term."""
+    rows = torch.stack([random_trajectory(9, seed) for seed in range(6)]).reshape(2, 3, 9)
+    got = cpe_paper(rows, mse)
+    assert got.shape == (2, 3)
+    want = torch.stack([cpe_contributions(r, mse).sum() for r in rows.reshape(6, 9)]).reshape(2, 3)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    w = torch.linspace(0.1, 1.0, 9, dtype=torch.float64)
+    weighted = torch.stack([(cpe_contributions(r, mse) * w).sum() for r in rows.reshape(6, 9)]).reshape(2, 3)
+    torch.testing.assert_close(cpe_paper(rows, mse, w), weighted, rtol=1e-14, atol=0)
+    assert bool((cpe_paper(rows, mse, w) < got).all())
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 60])
+def test_numpy_twin_equals_torch_value_and_gradient(n: int) -> None:
+    """cpe_paper_numpy is cpe_paper: values, the analytic gradient against autograd, the window form against the
+    torch terms of the window, and paper_term_numpy against each term."""
+    rows = torch.stack([random_trajectory(n, seed) for seed in range(4)])
+    x = rows.clone().requires_grad_(True)
+    value = cpe_paper(x, mse)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    f, g = cpe_paper_numpy(rows.numpy(), mse_np, grad=True)
+    np.testing.assert_allclose(f, value.detach().numpy(), rtol=1e-13)
+    np.testing.assert_allclose(g, grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert cpe_paper_numpy(rows.numpy(), mse_np)[1] is None
+    terms = torch.stack([cpe_contributions(r, mse) for r in rows])
+    s = np.sqrt((1 - rows.numpy()) / rows.numpy())
+    np.testing.assert_allclose(paper_term_numpy(np.concatenate([np.zeros((4, 1)), s[:, :-1]], 1), s,
+                                                mse(rows).numpy()), terms.numpy(), rtol=1e-13)
+    for a, b in ((1, n - 1), (n // 2, n // 2), (n - 1, n - 1)):
+        if a < 1 or b < a:
+            continue
+        win = cpe_paper_numpy(rows.numpy()[:, a - 1 : b + 1], mse_np, window=True)[0]
+        np.testing.assert_allclose(win, terms[:, a : b + 1].sum(-1).numpy(), rtol=1e-13)
+    with pytest.raises(ValueError, match="window"):
+        cpe_paper_numpy(rows.numpy(), mse_np, grad=True, window=True)
 
 
 def _eps_fns():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -36,17 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or --help): return its status, not raise
+        return int(exc.code or 0)
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2
     module = importlib.import_module(f"vrg_lightning.commands.{args._command}")
     try:
         return int(module.run(args) or 0)
+    except BrokenPipeError:  # `vrg inspect CK | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vrg {args._command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as exc:  # permissions, a folder where a file was expected, a full disk, ...
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"vrg {args._command}: error: {exc.strerror or exc}{where}; check the path and its permissions.",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

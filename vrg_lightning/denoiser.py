@@ -15,6 +15,7 @@ null label of classifier-free guidance (Ho & Salimans 2022): ε = ε_∅ + w (ε
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from .schedule import NoiseSchedule
 
-__all__ = ["Denoiser", "PREDICTION_TYPES", "DIGITS_UNET", "plain_config"]
+__all__ = ["Denoiser", "PREDICTION_TYPES", "DIGITS_UNET", "plain_config", "load_diffusers_dir"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -179,3 +180,36 @@ class Denoiser(nn.Module):
             return uncond + w * (cond - uncond)
 
         return fn
+
+
+def load_diffusers_dir(directory: str | os.PathLike) -> tuple[Denoiser, dict[str, Any]]:
+    """``(denoiser, source)`` from a local diffusers folder (nothing is downloaded): a ``UNet2DModel`` in ``DIR`` or
+    ``DIR/unet`` and its ``scheduler_config.json`` in ``DIR/scheduler`` or ``DIR``; ``source`` records the paths.
+
+    Raises:
+        FileNotFoundError: no such folder, UNet config or scheduler config.
+        ValueError: a class-conditional UNet (not supported).
+    """
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DModel
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"The diffusers folder {str(directory)!r} does not exist or is not a folder.")
+    unet_dir = d / "unet" if (d / "unet" / "config.json").is_file() else d
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"No UNet config.json in {str(d)!r} or {str(d / 'unet')!r}.")
+    sched_file = next((p for p in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json")
+                       if p.is_file()), None)
+    if sched_file is None:
+        raise FileNotFoundError(f"No scheduler_config.json in {str(d / 'scheduler')!r} or {str(d)!r}.")
+    cfg = json.loads(sched_file.read_text())
+    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    if getattr(unet.config, "num_class_embeds", None):
+        raise ValueError(f"{str(d)!r} holds a class-conditional UNet (num_class_embeds); only unconditional "
+                         "diffusers UNet2DModels are supported.")
+    den = Denoiser(schedule=NoiseSchedule.from_config(cfg), prediction_type=str(cfg.get("prediction_type", "epsilon")),
+                   unet=unet)
+    return den, {"diffusers_dir": str(d.resolve()), "scheduler_config": str(sched_file.resolve())}

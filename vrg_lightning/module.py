@@ -1,21 +1,6 @@
 """``DiffusionModule``: DDPM training of a :class:`~vrg_lightning.denoiser.Denoiser` with EMA, following the
-VRG protocol so :class:`~vrg_lightning.callbacks.VRGProfiler` can measure the error profile for free.
-
-VRG protocol (any LightningModule can follow it)
-------------------------------------------------
-``training_step`` returns a dict with
-
-==================  ============================================================================================
-key                 value
-==================  ============================================================================================
-``loss``            the scalar training loss (as usual)
-``vrg_alpha_bar``   ``[B]`` float tensor: ᾱ of each sample's noise level
-``vrg_error``       ``[B, ...]`` float tensor, **detached**: ε̂ - ε, the noise-prediction error *in ε-space*
-                    (a v-prediction model converts: ε̂ = √ᾱ v̂ + √(1-ᾱ) x_t), from the forward pass that made the loss
-==================  ============================================================================================
-
-and the module exposes ``vrg_schedule`` (a :class:`~vrg_lightning.schedule.NoiseSchedule`), and for probe mode
-``vrg_denoiser() -> callable(x, alpha_bar[B], class_labels) -> ε̂`` (the weights to profile, e.g. EMA).
+VRG protocol (:mod:`vrg_lightning.protocol`) so :class:`~vrg_lightning.callbacks.VRGProfiler` can measure the error
+profile for free.
 
 Training (Ho et al. 2020): for each image an **integer** timestep ``t ~ U{0, …, T-1}`` and ε ~ N(0, I);
 ``x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε``; the UNet gets the float timestep ``t``; loss = mean squared error against ε
@@ -36,9 +21,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import VRG_FORMAT, VRG_KEY, VRG_VERSION, check_same_schedule, model_section
 from .denoiser import DIGITS_UNET, Denoiser
-from .schedule import NoiseSchedule
+from .report import image_grid
+from .schedule import NoiseSchedule, add_noise
 
-__all__ = ["DiffusionModule", "split_batch"]
+__all__ = ["DiffusionModule", "split_batch", "image_grid"]
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -131,9 +117,7 @@ class DiffusionModule(pl.LightningModule):
         x0, y = split_batch(batch)
         t, eps = self.draw_noise(x0, batch)
         ab = self.alphas_cumprod[t]  # float64 [B]
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        a, s = ab.sqrt().to(x0.dtype).view(shape), (1 - ab).sqrt().to(x0.dtype).view(shape)
-        xt = a * x0 + s * eps
+        xt, a, s = add_noise(x0, eps, ab)
         labels = None
         if self.model.num_classes is not None:
             if y is None:
@@ -166,30 +150,23 @@ class DiffusionModule(pl.LightningModule):
 
     # --- sample grids ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, num: int, seed: int = 0, use_ema: bool = True) -> Tensor:
-        """``num`` samples in [-1, 1] with ``sample_solver`` over ``make_trajectory(sample_base, sample_steps)``.
-
-        Class-conditional models cycle through the classes (with ``guidance_scale``).
-        """
-        from .solvers import sample
+    def generate(self, num: int, seed: int = 0, use_ema: bool = True, batch_size: int = 64) -> Tensor:
+        """``num`` samples in [-1, 1] (float32, CPU) with ``sample_solver`` over ``make_trajectory(sample_base,
+        sample_steps)`` and ``guidance_scale``: :func:`vrg_lightning.sampling.generate` on this module's denoiser, so
+        sample ``i`` of ``seed`` (noise and, class-conditional, label) is the one ``vrg sample --seed`` makes."""
+        from .sampling import generate
         from .trajectories import make_trajectory
 
         hp = self.hparams
         den = self.ema.module if use_ema else self.model
-        cfg = den.unet.config
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(num, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(self.device)
-        labels = None
-        if den.num_classes is not None:
-            labels = torch.arange(num, device=self.device) % den.num_classes
-        ab = make_trajectory(self.schedule, hp.sample_base, hp.sample_steps).to(self.device)
+        ab = make_trajectory(self.schedule, hp.sample_base, hp.sample_steps)
         was_training = den.training
         den.eval()
         try:
-            out = sample(hp.sample_solver, den.eps_fn(labels, hp.guidance_scale), x, ab)
+            return generate(den, ab, hp.sample_solver, num, seed, batch_size=batch_size,
+                            guidance_scale=hp.guidance_scale, device=self.device)
         finally:
             den.train(was_training)
-        return out.clamp(-1, 1)
 
     def on_train_epoch_end(self) -> None:
         k = self.hparams.sample_every_n_epochs
@@ -200,7 +177,7 @@ class DiffusionModule(pl.LightningModule):
         exp = getattr(self.logger, "experiment", None)
         if exp is None or not hasattr(exp, "add_image"):
             return
-        imgs = (self.generate(self.hparams.num_sample_images, self.hparams.sample_seed).float().cpu() + 1) / 2
+        imgs = (self.generate(self.hparams.num_sample_images, self.hparams.sample_seed) + 1) / 2
         exp.add_image(tag, image_grid(imgs), self.global_step)
 
     # --- checkpoint -----------------------------------------------------------------------------------------------
@@ -214,14 +191,3 @@ class DiffusionModule(pl.LightningModule):
         if stored is not None:
             check_same_schedule(stored, self.schedule, "checkpoint being loaded")
 
-
-def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:
-    """Tile ``[N, C, H, W]`` images (values in [0, 1]) into one ``[C, H', W']`` grid (nrow ≈ √N)."""
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, int(round(n**0.5)))
-    rows = (n + nrow - 1) // nrow
-    grid = images.new_ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
-    return grid

@@ -21,20 +21,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.interpolate import PchipInterpolator
 from torch import Tensor
 
+from .interpolants import PchipLogMSE, PiecewiseLinearMSE
 from .io import atomic_torch_save, atomic_write_text
 from .schedule import NoiseSchedule, alpha_bar_to_lambda
 
 __all__ = [
     "ErrorProfile",
+    "SUM_ROWS",
     "PchipLogMSE",
     "PiecewiseLinearMSE",
     "read_reference_tsv",
@@ -44,109 +43,103 @@ __all__ = [
 
 PROFILE_FORMAT = "vrg-profile"
 PROFILE_VERSION = 1
-_SUMS = ("count", "lam_sum", "n", "s1", "s2", "s3", "s4")
+SUM_ROWS = ("count", "lam_sum", "n", "s1", "s2", "s3", "s4")  # rows of ErrorProfile.sums
 
 
-class PiecewiseLinearMSE:
-    """MSE(ᾱ) linear in ᾱ between knots (the reference's interpolation), constant outside."""
-
-    def __init__(self, alpha_bar: Tensor, mse: Tensor) -> None:
-        order = torch.argsort(alpha_bar)
-        self.alpha_bar = alpha_bar[order].to(torch.float64)
-        self.mse = mse[order].to(torch.float64)
-        if self.alpha_bar.numel() < 1:
-            raise ValueError("PiecewiseLinearMSE needs at least one knot.")
-
-    def __call__(self, alpha_bar: Tensor) -> Tensor:
-        xp, fp = self.alpha_bar.to(alpha_bar.device), self.mse.to(alpha_bar.device)
-        if xp.numel() == 1:
-            return fp.expand_as(alpha_bar).to(alpha_bar.dtype) + 0 * alpha_bar
-        x = alpha_bar.clamp(float(xp[0]), float(xp[-1]))
-        idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
-        x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
-        width = x1 - x0  # rows printed with the same alpha_bar give zero-width segments: take the left value
-        return y0 + (x - x0) * torch.where(width > 0, (y1 - y0) / torch.where(width > 0, width, 1.0), 0.0)
-
-
-class PchipLogMSE:
-    """MSE(ᾱ) = exp(PCHIP of log MSE in λ), constant beyond the outermost knots."""
-
-    def __init__(self, lam: Tensor, mse: Tensor) -> None:
-        order = torch.argsort(lam)
-        x = lam[order].to(torch.float64)
-        y = torch.log(mse[order].to(torch.float64))
-        self.lam, self.log_mse = x, y
-        if x.numel() >= 2:
-            d = PchipInterpolator(x.numpy(), y.numpy()).derivative()(x.numpy())
-            self.slopes = torch.as_tensor(np.asarray(d), dtype=torch.float64)
-        else:
-            self.slopes = torch.zeros_like(x)
-
-    def __call__(self, alpha_bar: Tensor) -> Tensor:
-        dev = alpha_bar.device
-        xp, yp, dp = self.lam.to(dev), self.log_mse.to(dev), self.slopes.to(dev)
-        lam = alpha_bar_to_lambda(alpha_bar.to(torch.float64))
-        if xp.numel() == 1:
-            return torch.exp(yp[0] + 0 * lam)
-        x = lam.clamp(float(xp[0]), float(xp[-1]))
-        i = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
-        x0, x1 = xp[i - 1], xp[i]
-        h = x1 - x0
-        u = (x - x0) / h
-        h00, h10 = (1 + 2 * u) * (1 - u) ** 2, u * (1 - u) ** 2
-        h01, h11 = u**2 * (3 - 2 * u), u**2 * (u - 1)
-        return torch.exp(h00 * yp[i - 1] + h10 * h * dp[i - 1] + h01 * yp[i] + h11 * h * dp[i])
-
-
-@dataclass
 class ErrorProfile:
-    """Binned moment sums of the per-element noise-prediction error (float64, mergeable).
+    """Binned moment sums of the per-element noise-prediction error (float64, mergeable, on any device).
+
+    The sums are one ``[7, bins]`` float64 tensor :attr:`sums` whose rows are :data:`SUM_ROWS`
+    (``count, lam_sum, n, s1, s2, s3, s4``; each also readable as an attribute, a view of its row). As torchmetrics'
+    sum states, :meth:`update` and :meth:`scale_` only change the sums, every statistic is derived from them, and
+    profiles of different processes add exactly (``+``, or a ``sum`` reduce of :attr:`sums`).
 
     Args:
         lambda_edges: increasing bin edges in λ = logSNR (``B + 1`` values; ±inf allowed at the ends).
+        count, lam_sum, n, s1, s2, s3, s4: initial sums per bin (``[B]`` each; default 0), or ``sums`` ``[7, B]``.
         moments: 4 for measured profiles; 2 for tables imported with only MSE (higher statistics unknown).
+        source: where the profile comes from (``free``, ``probe``, ``table``, ...).
         paper_knots: optional ``(alpha_bar, mse)`` rows used verbatim by ``mode="paper"`` (the reference
             table including its safeguard row).
+        meta: plain settings recorded with the profile.
 
     Example:
         >>> p = ErrorProfile.for_schedule(NoiseSchedule(), num_bins=10)
         >>> g = torch.Generator().manual_seed(0)
-        >>> p.update(torch.full((4,), 0.0), 0.5 * torch.randn(4, 3, 8, 8, generator=g))
+        >>> int(p.update(torch.full((4,), 0.0), 0.5 * torch.randn(4, 3, 8, 8, generator=g)))
+        0
         >>> round(float(p.mse[p.count > 0][0]), 2)
         0.26
     """
 
-    lambda_edges: Tensor
-    count: Tensor = None  # type: ignore[assignment]
-    lam_sum: Tensor = None  # type: ignore[assignment]
-    n: Tensor = None  # type: ignore[assignment]
-    s1: Tensor = None  # type: ignore[assignment]
-    s2: Tensor = None  # type: ignore[assignment]
-    s3: Tensor = None  # type: ignore[assignment]
-    s4: Tensor = None  # type: ignore[assignment]
-    moments: int = 4
-    source: str = ""
-    paper_knots: tuple[Tensor, Tensor] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        e = torch.as_tensor(self.lambda_edges, dtype=torch.float64)
+    def __init__(
+        self,
+        lambda_edges: Tensor,
+        count: Tensor | None = None,
+        lam_sum: Tensor | None = None,
+        n: Tensor | None = None,
+        s1: Tensor | None = None,
+        s2: Tensor | None = None,
+        s3: Tensor | None = None,
+        s4: Tensor | None = None,
+        *,
+        sums: Tensor | None = None,
+        moments: int = 4,
+        source: str = "",
+        paper_knots: tuple[Tensor, Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        e = torch.as_tensor(lambda_edges, dtype=torch.float64)
         if e.ndim != 1 or e.numel() < 2 or bool((e[1:] <= e[:-1]).any()) or bool(torch.isnan(e).any()):
             raise ValueError("lambda_edges must be a strictly increasing 1-D tensor with at least 2 values.")
-        self.lambda_edges = e
-        for k in _SUMS:
-            v = getattr(self, k)
-            setattr(self, k, torch.zeros(e.numel() - 1, dtype=torch.float64) if v is None else
-                    torch.as_tensor(v, dtype=torch.float64).clone())
-            if getattr(self, k).shape != (e.numel() - 1,):
-                raise ValueError(f"ErrorProfile.{k} must have {e.numel() - 1} entries (one per bin).")
+        bins = e.numel() - 1
+        rows = (count, lam_sum, n, s1, s2, s3, s4)
+        if sums is not None:
+            if any(r is not None for r in rows):
+                raise ValueError("Give either sums=[7, bins] or the per-row sums (count, ..., s4), not both.")
+            sums = torch.as_tensor(sums).to(torch.float64).clone()
+            if sums.shape != (len(SUM_ROWS), bins):
+                raise ValueError(f"ErrorProfile sums must have shape ({len(SUM_ROWS)}, {bins}); got "
+                                 f"{tuple(sums.shape)}.")
+        else:
+            for k, v in zip(SUM_ROWS, rows, strict=True):
+                if v is not None and torch.as_tensor(v).shape != (bins,):
+                    raise ValueError(f"ErrorProfile.{k} must have {bins} entries (one per bin); got shape "
+                                     f"{tuple(torch.as_tensor(v).shape)}.")
+            dev = next((torch.as_tensor(v).device for v in rows if v is not None), e.device)
+            sums = torch.stack([torch.zeros(bins, dtype=torch.float64, device=dev) if v is None else
+                                torch.as_tensor(v).to(dev, torch.float64) for v in rows])
+        self.lambda_edges = e.to(sums.device)
+        self.sums = sums
+        self.moments, self.source = int(moments), str(source)
+        self.paper_knots = paper_knots
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    count = property(lambda self: self.sums[0], doc="Samples per bin.")
+    lam_sum = property(lambda self: self.sums[1], doc="Σλ of the samples per bin.")
+    n = property(lambda self: self.sums[2], doc="Error elements per bin.")
+    s1 = property(lambda self: self.sums[3], doc="Σe per bin.")
+    s2 = property(lambda self: self.sums[4], doc="Σe² per bin.")
+    s3 = property(lambda self: self.sums[5], doc="Σe³ per bin.")
+    s4 = property(lambda self: self.sums[6], doc="Σe⁴ per bin.")
+
+    def __repr__(self) -> str:
+        return (f"ErrorProfile(bins={self.num_bins}, samples={float(self.count.sum()):g}, source={self.source!r}, "
+                f"moments={self.moments})")
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, ErrorProfile) and torch.equal(self.lambda_edges.cpu(), other.lambda_edges.cpu())
+                and torch.equal(self.sums.cpu(), other.sums.cpu()) and self.moments == other.moments
+                and self.source == other.source)
+
+    __hash__ = None  # type: ignore[assignment]
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def for_schedule(cls, schedule: NoiseSchedule, num_bins: int = 100) -> ErrorProfile:
         """Bins of equal width in timestep (``T/num_bins`` integer timesteps each), edges in λ."""
         T = schedule.num_train_timesteps
-        if not isinstance(num_bins, int) or not 1 <= num_bins <= T:
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= T:
             raise ValueError(f"num_bins must be an integer in [1, {T}]; got {num_bins!r}.")
         t_edges = torch.linspace(-0.5, T - 0.5, num_bins + 1, dtype=torch.float64)[1:-1]
         inner = schedule.t_to_lambda(t_edges).flip(0)
@@ -174,47 +167,63 @@ class ErrorProfile:
         return cls(torch.cat([-inf, mid, inf]), count=ones, lam_sum=lam, n=ones, s1=torch.zeros_like(lam),
                    s2=mk, s3=torch.zeros_like(lam), s4=mk**2, moments=2, source=source, paper_knots=(ab, m))
 
-    # --- accumulation -------------------------------------------------------------------------
+    def empty_like(self, source: str | None = None, meta: dict[str, Any] | None = None) -> ErrorProfile:
+        """A profile with the same bins (and device), all sums 0."""
+        return ErrorProfile(self.lambda_edges, sums=torch.zeros_like(self.sums), moments=self.moments,
+                            source=self.source if source is None else source, meta=dict(meta or self.meta))
+
+    def to(self, device: torch.device | str) -> ErrorProfile:
+        """Move the sums and edges to ``device`` (in place; returns ``self``)."""
+        self.sums, self.lambda_edges = self.sums.to(device), self.lambda_edges.to(device)
+        return self
+
+    def cpu(self) -> ErrorProfile:
+        """A CPU copy (``self`` if already there)."""
+        if self.sums.device.type == "cpu":
+            return self
+        return ErrorProfile(self.lambda_edges.cpu(), sums=self.sums.cpu(), moments=self.moments, source=self.source,
+                            paper_knots=self.paper_knots, meta=dict(self.meta))
+
+    # --- accumulation (the only paths that change the sums) -----------------------------------
     def bin_index(self, lam: Tensor) -> Tensor:
         """Bin of each λ (values on an edge go to the upper bin)."""
         e = self.lambda_edges.to(lam.device)
         return (torch.searchsorted(e, lam.to(torch.float64).contiguous(), right=True) - 1).clamp(0, e.numel() - 2)
 
-    def update_from_sums(self, lam: Tensor, n: Tensor, s1: Tensor, s2: Tensor, s3: Tensor, s4: Tensor) -> None:
-        """Add per-sample sums (each of shape ``[B]``) at noise levels ``lam`` (logSNR, ``[B]``)."""
-        lam = lam.detach().to(torch.float64).flatten().cpu()
-        ok = torch.isfinite(lam)
-        vals = [v.detach().to(torch.float64).flatten().cpu() for v in (n, s1, s2, s3, s4)]
-        for v in vals:
-            ok &= torch.isfinite(v)
-        idx = self.bin_index(lam[ok])
-        self.count.index_add_(0, idx, torch.ones_like(lam[ok]))
-        self.lam_sum.index_add_(0, idx, lam[ok])
-        for k, v in zip(("n", "s1", "s2", "s3", "s4"), vals, strict=True):
-            getattr(self, k).index_add_(0, idx, v[ok])
+    def update(self, lam: Tensor, error: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Add a batch of errors ``error = ε̂ - ε`` (``[B, ...]``) at noise levels ``lam`` (logSNR, ``[B]``).
 
-    def update(self, lam: Tensor, error: Tensor) -> None:
-        """Add a batch of errors ``error = ε̂ - ε`` (shape ``[B, ...]``) at noise levels ``lam`` (``[B]``)."""
-        e = error.detach().to(torch.float64).flatten(1)
+        Samples with a non-finite λ or error, or ``valid == False``, are left out. Runs on the profile's device
+        without a host sync. Returns the number of samples left out (a 0-d tensor).
+        """
+        lam = lam.detach().to(self.sums.device, torch.float64).reshape(-1)
+        e = error.detach().to(self.sums.device, torch.float64).flatten(1)
+        if e.shape[0] != lam.shape[0]:
+            raise ValueError(f"error has {e.shape[0]} samples but lam has {lam.shape[0]}.")
         e2 = e * e
-        n = torch.full((e.shape[0],), float(e.shape[1]), dtype=torch.float64, device=e.device)
-        self.update_from_sums(lam, n, e.sum(1), e2.sum(1), (e2 * e).sum(1), (e2 * e2).sum(1))
+        rows = torch.stack([torch.ones_like(lam), lam, torch.full_like(lam, float(e.shape[1])), e.sum(1), e2.sum(1),
+                            (e2 * e).sum(1), (e2 * e2).sum(1)])
+        ok = torch.isfinite(rows).all(0)
+        if valid is not None:
+            ok = ok & valid.to(ok.device).reshape(-1)
+        rows = torch.where(ok, rows, torch.zeros_like(rows))
+        idx = torch.where(ok, self.bin_index(torch.where(ok, lam, torch.zeros_like(lam))), 0)
+        self.sums.index_add_(1, idx, rows)
+        return (~ok).sum()
 
     def __add__(self, other: ErrorProfile) -> ErrorProfile:
-        if not torch.equal(self.lambda_edges, other.lambda_edges):
+        if not torch.equal(self.lambda_edges.cpu(), other.lambda_edges.cpu()):
             raise ValueError("Cannot merge ErrorProfiles with different bin edges.")
-        sums = {k: getattr(self, k) + getattr(other, k) for k in _SUMS}
-        return ErrorProfile(self.lambda_edges, **sums, moments=min(self.moments, other.moments), source=self.source,
-                            meta=dict(self.meta))
+        return ErrorProfile(self.lambda_edges, sums=self.sums + other.sums.to(self.sums.device),
+                            moments=min(self.moments, other.moments), source=self.source, meta=dict(self.meta))
 
     def reset(self) -> None:
-        for k in _SUMS:
-            getattr(self, k).zero_()
+        """Set all sums to 0."""
+        self.sums.zero_()
 
     def scale_(self, factor: float) -> None:
         """Multiply all sums by ``factor`` (exponential decay of old statistics)."""
-        for k in _SUMS:
-            getattr(self, k).mul_(factor)
+        self.sums.mul_(factor)
 
     # --- derived statistics -------------------------------------------------------------------
     @property
@@ -306,9 +315,10 @@ class ErrorProfile:
     # --- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain tensors, numbers and strings only (loads with ``torch.load(weights_only=True)``)."""
-        d: dict[str, Any] = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "lambda_edges": self.lambda_edges,
+        d: dict[str, Any] = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION,
+                             "lambda_edges": self.lambda_edges.cpu(),
                              "moments": self.moments, "source": self.source, "meta": dict(self.meta)}
-        d.update({k: getattr(self, k) for k in _SUMS})
+        d.update({k: self.sums[i].cpu().clone() for i, k in enumerate(SUM_ROWS)})
         if self.paper_knots is not None:
             d["paper_knots"] = {"alpha_bar": self.paper_knots[0], "mse": self.paper_knots[1]}
         return d
@@ -320,7 +330,7 @@ class ErrorProfile:
         if int(d.get("version", 0)) > PROFILE_VERSION:
             raise ValueError(f"Profile version {d['version']} is newer than this toolkit ({PROFILE_VERSION}); upgrade.")
         pk = d.get("paper_knots")
-        return cls(d["lambda_edges"], **{k: d[k] for k in _SUMS}, moments=int(d.get("moments", 4)),
+        return cls(d["lambda_edges"], **{k: d[k] for k in SUM_ROWS}, moments=int(d.get("moments", 4)),
                    source=str(d.get("source", "")), meta=dict(d.get("meta", {})),
                    paper_knots=(pk["alpha_bar"], pk["mse"]) if pk else None)
 

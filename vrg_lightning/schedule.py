@@ -34,6 +34,7 @@ __all__ = [
     "alpha_bar_to_lambda",
     "lambda_to_alpha_bar",
     "check_alpha_bar",
+    "add_noise",
 ]
 
 SCHEDULE_NAMES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -68,6 +69,23 @@ def alpha_bar_to_lambda(alpha_bar: Tensor) -> Tensor:
 def lambda_to_alpha_bar(lam: Tensor) -> Tensor:
     """ᾱ = sigmoid(λ)."""
     return torch.sigmoid(lam)
+
+
+def add_noise(x0: Tensor, noise: Tensor, alpha_bar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward process ``x_t = √ᾱ x₀ + √(1-ᾱ) ε`` per sample (``alpha_bar`` ``[B]``, any float dtype).
+
+    Returns ``(x_t, a, s)`` with ``a = √ᾱ`` and ``s = √(1-ᾱ)`` shaped ``[B, 1, ...]`` in ``x0``'s dtype (the
+    v-prediction target is ``a ε - s x₀``).
+
+    Example:
+        >>> xt, a, s = add_noise(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.25, 1.0]))
+        >>> xt[:, 0].tolist(), tuple(a.shape)
+        ([0.5, 1.0], (2, 1))
+    """
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    ab = alpha_bar.to(x0.device)
+    a, s = ab.sqrt().to(x0.dtype).view(shape), (1 - ab).sqrt().to(x0.dtype).view(shape)
+    return a * x0 + s * noise, a, s
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

@@ -1,8 +1,12 @@
 """Cumulative prediction-error variance (cpe) of a sampling trajectory.
 
-``cpe_paper`` is the published DDIM formula (VRG paper, eq. for DDIM)::
+``cpe_paper`` is the published DDIM formula (VRG paper, eq. for DDIM), the one form of it in the package::
 
     cpe = Σ_i (s_i - s_{i-1})² · MSE(ᾱ_i),   s = √((1-ᾱ)/ᾱ),  s_{-1} = 0   (cleanest step first)
+
+batched over ``[..., N]`` trajectories, optionally with a weight per term (the damped cpe of
+:mod:`vrg_lightning.optimize.discretization`). :func:`cpe_paper_numpy` is its float64 numpy twin with an analytic
+gradient, the optimizer's fast path; a test holds the two together.
 
 ``cpe_solver`` is its solver-aware generalisation. Every solver is linear in the model outputs, so its
 final sample is ``c·x_start + Σ_j w_j ε̂_j``; an error δ_j in evaluation j moves it by ``w_j δ_j``, and with
@@ -11,8 +15,11 @@ independent errors of per-dimension variance MSE(ᾱ_j) (the paper's assumption)
     cpe_solver = Σ_j w_j² · MSE(ᾱ_j)
 
 The weights come from running the solver code itself (``solvers.sample``) on a one-hot basis, so they
-are exact for that code and differentiable in the trajectory. For ``ddim`` they are s_{j-1} - s_j and
-``cpe_solver`` equals ``cpe_paper``.
+are exact for that code and differentiable in the trajectory. For the solvers of :data:`DDIM_LIKE` they are
+s_{j-1} - s_j and ``cpe_solver`` equals ``cpe_paper``.
+
+Shared aliases: :data:`MSEFn` (a differentiable MSE(ᾱ)), :data:`NumpyMSEFn` (its numpy value and derivative),
+:data:`EpsFn` (a noise predictor ``eps_fn(x, alpha_bar)``, from :mod:`vrg_lightning.solvers`).
 """
 
 from __future__ import annotations
@@ -22,16 +29,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .schedule import alpha_bar_to_sigma
-from .solvers import SOLVERS, _check_final, _check_options, num_evaluations, sample
+from .solvers import SOLVERS, EpsFn, _check_final, _check_options, num_evaluations, sample
 from .trajectories import validate_trajectory
 
 __all__ = [
     "cpe_paper",
+    "cpe_paper_numpy",
+    "paper_term_numpy",
+    "DDIM_LIKE",
+    "EpsFn",
     "MSEFn",
+    "NumpyMSEFn",
     "OBJECTIVES",
     "Propagation",
     "propagation",
@@ -43,25 +56,77 @@ __all__ = [
 ]
 
 OBJECTIVES = ("paper", "solver")
+DDIM_LIKE = ("ddim", "dpmsolver1")  # Euler in σ: their solver-aware cpe is the paper's formula (tested)
 
 MSEFn = Callable[[Tensor], Tensor]
+NumpyMSEFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ᾱ -> (MSE, dMSE/dᾱ), float64
 
 
-def cpe_paper(alpha_bar: Tensor, mse: MSEFn) -> Tensor:
-    """The paper's DDIM cpe of a trajectory (ᾱ cleanest first); differentiable in ``alpha_bar``.
+def cpe_paper(alpha_bar: Tensor, mse: MSEFn, weights: Tensor | None = None) -> Tensor:
+    """The paper's DDIM cpe of trajectories ``alpha_bar`` ``[..., N]`` (cleanest first) -> ``[...]``; differentiable.
+
+    ``Σ_i (s_i - s_{i-1})² MSE(ᾱ_i) [· weights_i]``, ``s = √((1-ᾱ)/ᾱ)``, ``s_{-1} = 0``; ``weights`` (broadcast
+    against ``alpha_bar``) multiply each term.
 
     Example:
         >>> ab = torch.tensor([0.9, 0.5], dtype=torch.float64)
         >>> round(float(cpe_paper(ab, lambda a: torch.ones_like(a))), 6)
         0.555556
+        >>> cpe_paper(torch.stack([ab, ab]), lambda a: torch.ones_like(a)).shape
+        torch.Size([2])
     """
-    return _paper_terms(alpha_bar, mse).sum()
+    return _paper_terms(alpha_bar, mse, weights).sum(-1)
 
 
-def _paper_terms(alpha_bar: Tensor, mse: MSEFn) -> Tensor:
-    """(s_i - s_{i-1})² MSE(ᾱ_i), cleanest step first (s_{-1} = 0)."""
+def _paper_terms(alpha_bar: Tensor, mse: MSEFn, weights: Tensor | None = None) -> Tensor:
+    """(s_i - s_{i-1})² MSE(ᾱ_i) [· weights_i], cleanest step first (s_{-1} = 0), over the last axis."""
     s = alpha_bar_to_sigma(alpha_bar)
-    return torch.diff(s, prepend=s.new_zeros(1)) ** 2 * mse(alpha_bar)
+    terms = torch.diff(s, dim=-1, prepend=torch.zeros_like(s[..., :1])) ** 2 * mse(alpha_bar)
+    return terms if weights is None else terms * weights
+
+
+def paper_term_numpy(s_prev: np.ndarray, s: np.ndarray, mse: np.ndarray) -> np.ndarray:
+    """One term ``(s - s_prev)² · MSE`` of :func:`cpe_paper` in numpy (broadcasting; the optimizer's grid search
+    scores every pair of consecutive steps with it)."""
+    return (s - s_prev) ** 2 * mse
+
+
+def cpe_paper_numpy(
+    alpha_bar: np.ndarray, mse: NumpyMSEFn, *, grad: bool = False, window: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`cpe_paper` of each row of ``alpha_bar`` ``[K, N]`` in float64 numpy, and optionally its gradient.
+
+    Args:
+        alpha_bar: trajectories, cleanest first (any values; non-finite results are the caller's to handle).
+        mse: numpy MSE returning ``(MSE(ᾱ), dMSE/dᾱ)``, e.g. ``PiecewiseLinearMSE.value_and_grad``.
+        grad: also return ``d cpe / d alpha_bar`` ``[K, N]``.
+        window: ``alpha_bar[:, 0]`` is the step before a window of consecutive steps: it only sets ``s_{i-1}`` of
+            the first term, so the result is the sum of the window's terms (values only).
+
+    Returns:
+        ``(cpe [K], gradient [K, N] or None)``.
+
+    Example:
+        >>> ab = np.array([[0.9, 0.5]])
+        >>> f, g = cpe_paper_numpy(ab, lambda a: (np.ones_like(a), np.zeros_like(a)), grad=True)
+        >>> round(float(f[0]), 6), g.shape
+        (0.555556, (1, 2))
+    """
+    if grad and window:
+        raise ValueError("cpe_paper_numpy: grad=True needs window=False (the window form gives values only).")
+    s = np.sqrt((1 - alpha_bar) / alpha_bar)
+    if window:
+        ds = np.diff(s, axis=-1)
+        return (ds**2 * mse(alpha_bar[:, 1:])[0]).sum(-1), None
+    ds = np.diff(s, axis=-1, prepend=0.0)
+    m, dm = mse(alpha_bar)
+    f = (ds**2 * m).sum(-1)
+    if not grad:
+        return f, None
+    ds_dab = -0.5 / (s * alpha_bar * alpha_bar)
+    g = 2 * ds * ds_dab * m + ds**2 * dm
+    g[:, :-1] -= 2 * ds[:, 1:] * ds_dab[:, :-1] * m[:, 1:]
+    return f, g
 
 
 @dataclass(frozen=True)
@@ -123,7 +188,7 @@ def _solver_terms(
     alpha_bar: Tensor, mse: MSEFn, solver: str, final_alpha_bar: float, options: dict[str, Any]
 ) -> Tensor:
     """w_j² MSE(ᾱ_j), cleanest evaluation first; ddim/dpmsolver1 use their closed form (same numbers, tested)."""
-    if solver in ("ddim", "dpmsolver1") and not options:
+    if solver in DDIM_LIKE and not options:
         ab = validate_trajectory(alpha_bar, "alpha_bar")
         final = _check_final(final_alpha_bar, ab)
         return _ddim_weights(ab, final) ** 2 * mse(ab)

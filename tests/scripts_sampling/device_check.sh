@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks (run on a CUDA machine from the repo root; diffusers and its extra needs carried as wheels in .whl/):
-# vrg sample and --compare on the GPU, CPU-vs-device trajectories in every solver, and benchmarks/sampling.py.
+# vrg sample (auto and ddp_spawn) and --compare on the GPU, CPU-vs-device trajectories in every solver, and benchmarks/sampling.py.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -16,6 +16,10 @@ python3 sample.py --ckpt /tmp/fx/model.ckpt --trajectory vrg --base logSNR --ste
   --out /tmp/fx/out --reference /tmp/fx/reference.pt --cache-dir /tmp/fx/cache --accelerator gpu --devices 1 --no-progress
 python3 sample.py --ckpt /tmp/fx/model.ckpt --compare --trajectory time_uniform --steps 4 --seeds 0,1 --num-samples 32 \
   --out /tmp/fx/cmp --reference /tmp/fx/reference.pt --cache-dir /tmp/fx/cache --accelerator gpu --no-progress
+python3 sample.py --ckpt /tmp/fx/model.ckpt --trajectory vrg --base logSNR --steps 4 --num-samples 96 --shard-size 32 \
+  --out /tmp/fx/spawn --reference /tmp/fx/reference.pt --cache-dir /tmp/fx/cache --accelerator gpu --devices 1 \
+  --strategy ddp_spawn --no-progress
+python3 -c "import json; a, b = (json.load(open(f'/tmp/fx/{d}/report.json'))['fid']['value'] for d in ('out', 'spawn')); print('FID auto vs ddp_spawn on the GPU:', a, b)"
 cp /tmp/fx/out/report.json "$OUT/gpu_report.json"
 python3 - <<'PY'
 import torch

@@ -18,7 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..trajectories import BASES
+from ..optimize.settings import GRID_BASES, MSE_MODES, TRUSTS, OptimizeSettings
+from ..schedule import SCHEDULE_NAMES
+from ..solvers import SOLVERS
+from ..variance import OBJECTIVES
+
+_D = OptimizeSettings()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,23 +31,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="error profile: reference TSV 'ts alpha_bar MSE', a .pt profile, or a checkpoint")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--trajectory", metavar="FILE", help="base trajectory file (alpha_bar per line, cleanest first)")
-    src.add_argument("--base", choices=[b for b in BASES if b != "list"], help="generate the base trajectory")
+    src.add_argument("--base", choices=GRID_BASES, help="generate the base trajectory")
     parser.add_argument("--steps", type=int, metavar="N", help="number of steps for --base")
-    parser.add_argument("--schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+    parser.add_argument("--schedule", choices=SCHEDULE_NAMES,
                         help="noise schedule for --base (default: the profile's, else linear)")
     parser.add_argument("--beta-start", type=float, default=None, help="first beta of a (scaled) linear schedule")
     parser.add_argument("--beta-end", type=float, default=None, help="last beta of a (scaled) linear schedule")
-    parser.add_argument("--solver", default="ddim", help="solver the trajectory is for (default: ddim)")
-    parser.add_argument("--objective", choices=["paper", "solver"], default="paper",
-                        help="paper: the published DDIM cpe; solver: solver-aware propagation (default: paper)")
-    parser.add_argument("--lp", type=float, default=0.01, help="learning portion / trust-region size (default: 0.01)")
-    parser.add_argument("--reg-lambda", type=float, default=100.0,
-                        help="penalty weight holding the noisiest alpha_bar (default: 100)")
-    parser.add_argument("--mse-mode", choices=["paper", "fit"], default=None,
+    parser.add_argument("--solver", default=_D.solver, choices=SOLVERS,
+                        help=f"solver the trajectory is for (default: {_D.solver})")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=_D.objective,
+                        help=f"paper: the published DDIM cpe; solver: solver-aware propagation "
+                             f"(default: {_D.objective})")
+    parser.add_argument("--lp", type=float, default=_D.lp,
+                        help=f"learning portion / trust-region size (default: {_D.lp:g})")
+    parser.add_argument("--reg-lambda", type=float, default=_D.reg_lambda,
+                        help=f"penalty weight holding the noisiest alpha_bar (default: {_D.reg_lambda:g})")
+    parser.add_argument("--mse-mode", choices=MSE_MODES, default=None,
                         help="MSE interpolation (default: paper for MSE tables, fit for measured profiles)")
-    parser.add_argument("--trust", choices=["alpha", "logsnr"], default="alpha", help="trust region (default: alpha)")
+    parser.add_argument("--trust", choices=TRUSTS, default=_D.trust, help=f"trust region (default: {_D.trust})")
     parser.add_argument("--pin-start", action="store_true", help="hold the noisiest alpha_bar exactly")
     parser.add_argument("--out", metavar="FILE", help="write the optimized trajectory here (atomic)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file (never an input)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -66,7 +75,7 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..optimize import OptimizeSettings, optimize_trajectory
+    from ..optimize import optimize_trajectory
     from ..profile import load_profile
     from ..trajectories import load_trajectory, make_trajectory, save_trajectory
 
@@ -88,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         for name, path in (("--profile", args.profile), ("--trajectory", args.trajectory)):
             if path is not None and _same_file(args.out, path):
                 raise ValueError(f"--out {args.out!r} is the {name} input; inputs are never overwritten.")
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is a folder; give a file name for the trajectory.")
+        if Path(args.out).exists() and not args.force:
+            raise FileExistsError(f"--out {args.out!r} exists; choose a new file or pass --force to replace it.")
     result = optimize_trajectory(base, profile.mse_function(mse_mode), settings)
     if args.out is not None:
         header = {"base": source, "profile": Path(args.profile).name, "solver": settings.solver,

@@ -1,5 +1,6 @@
-"""``vrg sample``: sample a checkpoint's EMA model over a trajectory (Lightning, any number of processes), FID,
-grid and JSON report; ``--compare`` tabulates base trajectories against their VRG versions over several seeds.
+"""``vrg sample``: sample a checkpoint's EMA model over a trajectory (Lightning, any number of processes, any
+strategy), FID, grid and JSON report; ``--compare`` tabulates base trajectories against their VRG versions over
+several seeds.
 
     vrg sample --ckpt model.ckpt --solver ddim --steps 10 --trajectory vrg --num-samples 2000 \\
         --out runs/ddim10 --reference digits --devices 2 --accelerator cpu --strategy ddp
@@ -14,20 +15,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FEATURE_CHOICES = ("digits", "pixels", "inception")
+from ..evaluation.features import FEATURES
+from ..sampling.resolve import TRAJECTORY_NAMES
+from ..solvers import SOLVERS
+from ..variance import OBJECTIVES
+from ._args import add_list_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and trajectory")
     g.add_argument("--ckpt", required=True, help="Lightning checkpoint of the model (EMA weights are used).")
-    g.add_argument("--solver", default="ddim", help="Solver (comma list with --compare). Default: ddim.")
-    g.add_argument("--steps", default=None, help="Number of steps (comma list with --compare).")
-    g.add_argument("--trajectory", default=None,
-                   help="Base name (time_uniform, logSNR, ...), 'vrg' (the checkpoint's stored trajectory) or a "
-                        "trajectory file. Default: vrg. With --compare: comma list of bases (default: every base "
-                        "with a stored VRG trajectory).")
+    add_list_argument(g, "--solver", str, ("ddim",), "Solver (several with --compare)", SOLVERS)
+    add_list_argument(g, "--steps", int, None, "Number of steps (several with --compare)")
+    add_list_argument(g, "--trajectory", str, None,
+                      f"Base name ({', '.join(TRAJECTORY_NAMES[:-1])}), 'vrg' (the checkpoint's stored trajectory) "
+                      "or a trajectory file; default vrg. With --compare: bases, each compared with its VRG version "
+                      "(default: every base with a stored VRG trajectory)")
     g.add_argument("--base", default=None, help="With --trajectory vrg: the base of the stored entry to use.")
-    g.add_argument("--objective", default=None, choices=("paper", "solver"),
+    g.add_argument("--objective", default=None, choices=OBJECTIVES,
                    help="Pick the stored entry optimized for this objective (also the cpe reported by --compare).")
     g.add_argument("--lp", type=float, default=None, help="Pick the stored entry with this learning portion.")
     g.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance weight.")
@@ -37,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="Images per solver call (does not change the images).")
     g.add_argument("--shard-size", type=int, default=500, help="Images per shard file (part of the manifest).")
     g.add_argument("--seed", type=int, default=0, help="Sample i's noise and label depend only on (seed, i).")
-    g.add_argument("--seeds", default="0,1,2", help="Seeds of --compare (comma list).")
+    add_list_argument(g, "--seeds", int, (0, 1, 2), "Seeds of --compare")
     g.add_argument("--out", required=True, help="Output folder (resumable; other arguments are refused).")
     g.add_argument("--compare", action="store_true", help="Base vs VRG table (paired FID over --seeds, cpe).")
     g = p.add_argument_group("FID (computed when --reference is given)")
@@ -46,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "an image tensor [N, C, H, W] in [-1, 1].")
     g.add_argument("--reference-num", type=int, default=None, help="Number of real images (default: all).")
     g.add_argument("--data-root", default="data", help="Dataset root for --reference cifar10.")
-    g.add_argument("--features", default=None, choices=FEATURE_CHOICES,
+    g.add_argument("--features", default=None, choices=FEATURES,
                    help="FID features. Default: digits for 1-channel images, else inception when "
                         "--inception-weights is given, else pixels.")
     g.add_argument("--inception-weights", default=None,
@@ -56,21 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accelerator", default="auto")
     g.add_argument("--devices", default="1", help="Number of devices (or 'auto').")
     g.add_argument("--num-nodes", type=int, default=1)
-    g.add_argument("--strategy", default="auto", help="e.g. ddp (CPU: gloo).")
+    g.add_argument("--strategy", default="auto", help="e.g. ddp or ddp_spawn (CPU: gloo).")
     g.add_argument("--precision", default="32-true",
                    help="Lightning precision of the model (part of the manifest); 64-true makes the images "
                         "independent of --batch-size to ~1e-13 (float32 kernels round differently per batch size).")
     g.add_argument("--no-progress", action="store_true", help="No progress bars.")
-
-
-def _ints(text: str | None, name: str) -> list[int]:
-    try:
-        vals = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be a comma list of integers; got {text!r}.") from None
-    if not vals:
-        raise ValueError(f"--{name} must list at least one integer; got {text!r}.")
-    return vals
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -81,15 +76,37 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _devices(text: str) -> int | str:
-    if text == "auto":
-        return text
+    if text != "auto":
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"--devices must be a positive integer or 'auto'; got {text!r}.")
+        return n
+    return text
+
+
+def resolve_from_args(args: argparse.Namespace, schedule: Any, vrg: Any, solver: str, steps: int | None,
+                      trajectory: str) -> Any:
+    """:func:`~vrg_lightning.sampling.resolve_trajectory` with the flags in its errors; prints a note (a tuned
+    entry that kept its base) to stderr. Shared by ``vrg sample`` and ``vrg export``."""
+    from ..sampling import resolve_trajectory
+
+    given = {"--trajectory": trajectory, "--solver": solver if trajectory == "vrg" else None, "--steps": steps,
+             **({"--base": args.base, "--objective": args.objective, "--lp": args.lp} if trajectory == "vrg" else {})}
+    flags = " ".join(f"{k} {v}" for k, v in given.items() if v is not None)
+    if steps is None and trajectory in TRAJECTORY_NAMES:
+        raise ValueError(f"--trajectory {trajectory} needs --steps N.")
     try:
-        n = int(text)
-    except ValueError:
-        raise ValueError(f"--devices must be a positive integer or 'auto'; got {text!r}.") from None
-    if n < 1:
-        raise ValueError(f"--devices must be a positive integer or 'auto'; got {text!r}.")
-    return n
+        traj = resolve_trajectory(schedule, vrg, solver, steps, trajectory, base=args.base, objective=args.objective,
+                                  lp=args.lp)
+    except ValueError as exc:
+        raise ValueError(f"{flags}: {exc}" + (" (flags --base, --objective, --lp)" if "match" in str(exc) else "")
+                         ) from exc
+    if traj.note:
+        print(f"vrg: {traj.note}", file=sys.stderr)
+    return traj
 
 
 def _reference_images(args: argparse.Namespace, shape: tuple[int, int, int]):
@@ -103,7 +120,7 @@ def _reference_images(args: argparse.Namespace, shape: tuple[int, int, int]):
             raise ValueError(f"--reference {args.reference!r} holds no image tensor (or dict with 'images').")
         x = x.float()[: args.reference_num]
     else:
-        from vrg_lightning.data import load_real_images
+        from ..data import load_real_images
 
         x = load_real_images(args.reference, args.reference_num, root=args.data_root, image_size=shape[-1],
                              channels=shape[0])
@@ -114,7 +131,8 @@ def _reference_images(args: argparse.Namespace, shape: tuple[int, int, int]):
 
 def _fid_setup(args: argparse.Namespace, shape: tuple[int, int, int]):
     """``(extractor, reference stats, description)`` or ``(None, None, None)`` without --reference."""
-    from vrg_lightning.metrics import build_features, reference_key, reference_stats
+    from ..evaluation import build_features, reference_key, reference_stats
+    from ..sampling import file_sha256
 
     if args.reference is None:
         if args.features or args.inception_weights:
@@ -123,23 +141,16 @@ def _fid_setup(args: argparse.Namespace, shape: tuple[int, int, int]):
     features = args.features or ("digits" if shape[0] == 1 else "inception" if args.inception_weights else "pixels")
     ext = build_features(features, image_shape=shape, inception_weights=args.inception_weights)
     src = Path(args.reference)
-    if src.suffix == ".pt" and src.is_file():
-        from vrg_lightning.sampling import file_sha256
-
-        name = f"file-{file_sha256(src)[:16]}"  # keyed by content, not by path
-    else:
-        name = args.reference
-    key = reference_key(name, shape, args.reference_num)
-    ref = reference_stats(key, ext, lambda: _reference_images(args, shape), cache_dir=args.cache_dir,
-                          progress=not args.no_progress)
-    desc = {"reference": args.reference, "num_reference": ref.n, "features": ext.name,
-            "weights_hash": ext.weights_hash}
-    return ext, ref, desc
+    name = f"file-{file_sha256(src)[:16]}" if src.suffix == ".pt" and src.is_file() else args.reference  # by content
+    ref = reference_stats(reference_key(name, shape, args.reference_num), ext, lambda: _reference_images(args, shape),
+                          cache_dir=args.cache_dir, progress=not args.no_progress)
+    return ext, ref, {"reference": args.reference, "num_reference": ref.n, "features": ext.name,
+                      "weights_hash": ext.weights_hash}
 
 
 def run(args: argparse.Namespace) -> int:
-    from vrg_lightning.checkpoint import load_denoiser
-    from vrg_lightning.sampling import file_sha256, image_shape
+    from ..checkpoint import load_denoiser
+    from ..sampling import file_sha256, image_shape
 
     _positive(args, "num_samples", "batch_size", "shard_size", "reference_num", "num_nodes")
     devices = _devices(args.devices)
@@ -149,30 +160,35 @@ def run(args: argparse.Namespace) -> int:
     common = {"checkpoint": {"path": str(args.ckpt), "sha256": sha, "weights": "raw" if args.raw_weights else "ema"}}
     if args.compare:
         return _run_compare(args, denoiser, vrg, shape, common, devices)
-    return _run_single(args, denoiser, vrg, shape, sha, common, devices)
+    return _run_single(args, denoiser, vrg, shape, common, devices)
 
 
-def _run_single(args, denoiser, vrg, shape, sha, common, devices) -> int:
-    from vrg_lightning.sampling import SampleJob, resolve_trajectory, run_sampling_job, trajectory_cpe
+def _run_single(args, denoiser, vrg, shape, common, devices) -> int:
+    from ..sampling import SampleJob, run_sampling_job, shard_ranges, trajectory_cpe
 
-    if "," in args.solver or (args.steps and "," in str(args.steps)):
-        raise ValueError("Comma lists in --solver/--steps need --compare.")
-    steps = _ints(args.steps, "steps")[0] if args.steps is not None else None
-    traj = resolve_trajectory(denoiser.schedule, vrg, args.solver, steps, args.trajectory or "vrg", base=args.base,
-                              objective=args.objective, lp=args.lp)
+    lists = {"--solver": args.solver, "--steps": args.steps or (), "--trajectory": args.trajectory or ()}
+    if any(len(v) > 1 for v in lists.values()):
+        raise ValueError(f"Several values in {', '.join(k for k, v in lists.items() if len(v) > 1)} need --compare.")
+    solver, steps, trajectory = args.solver[0], (args.steps or (None,))[0], (args.trajectory or ("vrg",))[0]
+    shards = len(shard_ranges(args.num_samples, args.shard_size))
+    procs = devices * args.num_nodes if isinstance(devices, int) else 1  # 'auto': the job checks
+    if shards < procs:
+        raise ValueError(f"--num-samples {args.num_samples} in shards of --shard-size {args.shard_size} give {shards} "
+                         f"shard(s), fewer than the {procs} processes (--devices x --num-nodes); use fewer --devices "
+                         "or a smaller --shard-size.")
+    traj = resolve_from_args(args, denoiser.schedule, vrg, solver, steps, trajectory)
     ext, ref, fid_desc = _fid_setup(args, shape)
-    job = SampleJob(sha, args.solver, traj.alpha_bar, args.num_samples, args.seed, args.shard_size,
-                    float(args.guidance_scale), not args.raw_weights, args.precision, shape)
-    extra = {**common, "trajectory": traj.to_dict(), "cpe": trajectory_cpe(traj.tensor, vrg, args.solver),
+    job = SampleJob(common["checkpoint"]["sha256"], solver, traj.alpha_bar, args.num_samples, args.seed,
+                    args.shard_size, float(args.guidance_scale), not args.raw_weights, args.precision, shape)
+    extra = {**common, "trajectory": traj.to_dict(), "cpe": trajectory_cpe(traj.tensor, vrg, solver),
              "fid_reference": fid_desc, "arguments": _arguments(args)}
     trainer_kwargs = {"accelerator": args.accelerator, "devices": devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
     report = run_sampling_job(denoiser, job, args.out, batch_size=args.batch_size, trainer_kwargs=trainer_kwargs,
                               extractor=ext, reference=ref, report_extra=extra, progress=not args.no_progress)
     if report is not None:
-        fid = report["fid"]
-        cpe = report["cpe"]
-        print(f"{args.num_samples} samples ({args.solver}, {len(traj.alpha_bar)} steps, {traj.source}) -> {args.out}")
+        fid, cpe = report["fid"], report["cpe"]
+        print(f"{args.num_samples} samples ({solver}, {len(traj.alpha_bar)} steps, {traj.source}) -> {args.out}")
         if cpe:
             print(f"cpe[paper]={cpe['paper']:.6g}" + (f" cpe[solver]={cpe['solver']:.6g}" if cpe["solver"] else ""))
         if fid:
@@ -181,22 +197,21 @@ def _run_single(args, denoiser, vrg, shape, sha, common, devices) -> int:
 
 
 def _arguments(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    """The parsed flags for the report; list flags as comma strings (the form they are given in)."""
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in vars(args).items()
+            if not k.startswith("_")}
 
 
 def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
     import torch
 
-    from vrg_lightning.io import atomic_write_json, atomic_write_text
-    from vrg_lightning.sampling import (
-        check_manifest,
-        compare_markdown,
-        paired_compare,
-        plot_compare,
-        select_vrg_entry,
-    )
-    from vrg_lightning.trajectories import make_trajectory
-    from vrg_lightning.variance import objective_for_cpe
+    from ..checkpoint import select_entry
+    from ..evaluation.paired import paired_compare
+    from ..io import atomic_write_json, atomic_write_text
+    from ..report import compare_markdown, plot_compare
+    from ..sampling import check_manifest
+    from ..trajectories import make_trajectory
+    from ..variance import objective_for_cpe
 
     if args.reference is None:
         raise ValueError("--compare needs --reference (FID compares base and VRG trajectories).")
@@ -204,38 +219,39 @@ def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
         raise ValueError(f"--compare runs in one process; got --devices {args.devices} --num-nodes {args.num_nodes}.")
     if not vrg:
         raise ValueError(f"{args.ckpt} holds no VRG trajectories to compare; run `vrg profile` first.")
-    solvers = [s.strip() for s in args.solver.split(",") if s.strip()]
-    steps_list = _ints(args.steps, "steps") if args.steps else sorted({int(e["steps"]) for e in vrg["entries"]})
-    seeds = _ints(args.seeds, "seeds")
-    if args.trajectory is not None and "vrg" in args.trajectory.split(","):
+    if args.precision not in ("32-true", "64-true"):
+        raise ValueError(f"--compare supports --precision 32-true or 64-true; got {args.precision!r}.")
+    if args.trajectory is not None and "vrg" in args.trajectory:
         raise ValueError("--compare takes base names in --trajectory (each is compared with its VRG version).")
+    solvers, seeds = list(args.solver), list(args.seeds)
+    steps_list = list(args.steps) if args.steps else sorted({int(e["steps"]) for e in vrg["entries"]})
     ext, ref, fid_desc = _fid_setup(args, shape)
     accel = args.accelerator
     device = "cuda" if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()) else "cpu"
-    if args.precision not in ("32-true", "64-true"):
-        raise ValueError(f"--compare supports --precision 32-true or 64-true; got {args.precision!r}.")
     denoiser.to(device, torch.float64 if args.precision == "64-true" else torch.float32)
     out = Path(args.out)
+    traj_arg = None if args.trajectory is None else ",".join(args.trajectory)  # the manifest keeps the comma form
     identity = {"ckpt_sha256": common["checkpoint"]["sha256"], "solvers": solvers, "steps": steps_list,
-                "trajectory": args.trajectory, "base": args.base, "objective": args.objective, "lp": args.lp,
+                "trajectory": traj_arg, "base": args.base, "objective": args.objective, "lp": args.lp,
                 "seeds": seeds, "num_samples": args.num_samples, "guidance_scale": args.guidance_scale,
-                "precision": args.precision,
-                "weights": common["checkpoint"]["weights"], "fid": fid_desc}
+                "precision": args.precision, "weights": common["checkpoint"]["weights"], "fid": fid_desc}
     check_manifest(out, identity, kind="compare")
     mse = None
     if "profile" in vrg:
-        from vrg_lightning.profile import ErrorProfile
+        from ..profile import ErrorProfile
 
         mse = ErrorProfile.from_dict(vrg["profile"]).mse_function("fit")
     rows = []
     for solver in solvers:
         for steps in steps_list:
-            bases = args.trajectory.split(",") if args.trajectory else sorted(
+            bases = list(args.trajectory) if args.trajectory else sorted(
                 {str(e["base"]) for e in vrg["entries"] if e["solver"] == solver and int(e["steps"]) == steps})
-            if not bases:
-                select_vrg_entry(vrg, solver, steps)  # raises with the list of stored entries
-            for base in bases:
-                entry = select_vrg_entry(vrg, solver, steps, base=base, objective=args.objective, lp=args.lp)
+            for base in bases or [None]:  # no base: select_entry raises with the list of stored entries
+                try:
+                    entry = select_entry(vrg, solver, steps, base=base, objective=args.objective, lp=args.lp)
+                except ValueError as exc:
+                    where = f"--solver {solver} --steps {steps}" + (f" --trajectory {base}" if base else "")
+                    raise ValueError(f"{where}: {exc}") from exc
                 print(f"compare {solver} {steps} steps {base}: base vs VRG over seeds {seeds}", file=sys.stderr)
                 rows.append(paired_compare(
                     denoiser, solver, make_trajectory(denoiser.schedule, base, steps),

@@ -1,5 +1,5 @@
 """``vrg tune``: validate candidate trajectories by paired FID and store the winners (or the kept bases, with the
-reason) in a NEW checkpoint (:mod:`vrg_lightning.tune`).
+reason) in a NEW checkpoint (:mod:`vrg_lightning.evaluation.tune`).
 
     vrg tune --ckpt runs/digits/checkpoints/last.ckpt --out runs/digits/tuned.ckpt --reference digits
     vrg tune --ckpt a.ckpt --out b.ckpt --reference patches --features pixels --solvers ddim,dpmpp_2m --steps 10 \\
@@ -13,24 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from ..tune import PIN_CHOICES, TuneSettings
+from ..evaluation.features import FEATURES
+from ..evaluation.tune import PIN_CHOICES, RANK_CHOICES, TUNE_GRID, TuneSettings
+from ..optimize.settings import GRID_BASES
+from ..solvers import SOLVERS
+from ._args import add_grid_arguments, add_list_argument
 
 _D = TuneSettings()
-
-
-def _list(text: str, cast: type, name: str) -> tuple:
-    try:
-        vals = tuple(cast(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise ValueError(f"--{name} must be a comma list of {cast.__name__}; got {text!r}.") from exc
-    if not vals:
-        raise ValueError(f"--{name} is empty; got {text!r}.")
-    return vals
-
-
-def _j(v: tuple) -> str:
-    return ",".join(str(x) for x in v)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,54 +31,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", default=None,
                    help="real images for FID: digits, patches, cifar10, folder:PATH (default: digits for 1-channel "
                         "models, else patches)")
-    p.add_argument("--features", default=None, choices=["digits", "pixels", "inception"],
+    p.add_argument("--features", default=None, choices=FEATURES,
                    help="FID features (default: digits for 1-channel models, else pixels)")
     p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for --features inception")
-    p.add_argument("--solvers", default=None, help="comma list (default: the solvers of the stored entries)")
-    p.add_argument("--steps", default=None, help="comma list (default: the steps of the stored entries)")
-    p.add_argument("--bases", default=None, help="comma list (default: the bases of the stored entries)")
-    p.add_argument("--lps", default=_j(_D.lps), help=f"comma list (default {_j(_D.lps)})")
-    p.add_argument("--objectives", default=_j(_D.objectives), help=f"comma list (default {_j(_D.objectives)})")
-    p.add_argument("--pin-start", default=_D.pin_start, choices=PIN_CHOICES, help="start free, pinned or both")
-    p.add_argument("--reg-lambda", type=float, default=_D.reg_lambda, help="start penalty when free")
+    add_list_argument(p, "--solvers", str, None, "solvers to tune (unset: those of the stored entries)", SOLVERS)
+    add_list_argument(p, "--steps", int, None, "step counts (unset: those of the stored entries)")
+    add_list_argument(p, "--bases", str, None, "base trajectories (unset: those of the stored entries)", GRID_BASES)
+    add_grid_arguments(p, TUNE_GRID, skip=("solvers", "steps", "bases", "pin_start"))
+    p.add_argument("--pin-start", default=_D.pin_start, choices=PIN_CHOICES,
+                   help=f"start free, pinned or both (default: {_D.pin_start})")
     p.add_argument("--no-fix", action="store_true", help="leave out the damped + discretisation-aware candidates")
-    p.add_argument("--num-samples", type=int, default=_D.num_samples, help="images per FID")
-    p.add_argument("--seeds", default=_j(_D.screen_seeds), help="screening seeds")
-    p.add_argument("--confirm-seeds", default=_j(_D.confirm_seeds), help="confirmation seeds (disjoint)")
-    p.add_argument("--confidence", type=float, default=_D.confidence)
-    p.add_argument("--rank-by", default=_D.rank_by, choices=["upper", "mean"],
+    p.add_argument("--num-samples", type=int, default=_D.num_samples, help=f"images per FID (default: "
+                   f"{_D.num_samples})")
+    add_list_argument(p, "--seeds", int, _D.screen_seeds, "screening seeds")
+    add_list_argument(p, "--confirm-seeds", int, _D.confirm_seeds, "confirmation seeds (disjoint from --seeds)")
+    p.add_argument("--confidence", type=float, default=_D.confidence, help=f"(default: {_D.confidence})")
+    p.add_argument("--rank-by", default=_D.rank_by, choices=RANK_CHOICES,
                    help="screening rule: lowest upper confidence bound (default) or lowest mean paired difference")
-    p.add_argument("--batch-size", type=int, default=_D.batch_size)
+    p.add_argument("--batch-size", type=int, default=_D.batch_size, help=f"(default: {_D.batch_size})")
     p.add_argument("--cache-dir", default=None, help="reference / sample statistics cache (default ~/.cache)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the validated records as JSON")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flag-level rules, worded as flags (the library raises the same errors in Python terms)."""
+    if Path(args.out).resolve() == Path(args.ckpt).resolve():
+        raise ValueError(f"--out {args.out!r} is the input checkpoint; tuning never overwrites its input. "
+                         "Give another path.")
+    if Path(args.out).exists() and (not args.force or Path(args.out).samefile(args.ckpt)):
+        raise FileExistsError(f"--out {args.out!r} already exists; pass --force to replace it (never the input).")
+    if args.features == "inception" and not args.inception_weights:
+        raise ValueError("--features inception needs --inception-weights PATH (a local InceptionV3 weights file; "
+                         "nothing is downloaded).")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import load_checkpoint_file, read_vrg
-    from ..tune import default_features, tune_checkpoint
+    from ..evaluation.tune import checkpoint_settings, tune_checkpoint
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    _check_flags(args)
     vrg = read_vrg(load_checkpoint_file(args.ckpt))
-    entries = vrg.get("entries", [])
-    stored = lambda k: tuple(dict.fromkeys(e[k] for e in entries))  # noqa: E731 - stored values, in order
-    if (args.solvers is None or args.steps is None or args.bases is None) and not entries:
+    if not vrg.get("entries") and None in (args.solvers, args.steps, args.bases):
         raise ValueError(f"{args.ckpt} stores no VRG entries; give --solvers, --steps and --bases.")
-    channels = vrg.get("model", {}).get("denoiser", {}).get("unet", {}).get("in_channels", 1)
-    settings = TuneSettings(
-        solvers=_list(args.solvers, str, "solvers") if args.solvers else stored("solver"),
-        steps=_list(args.steps, int, "steps") if args.steps else tuple(int(v) for v in stored("steps")),
-        bases=_list(args.bases, str, "bases") if args.bases else stored("base"),
-        lps=_list(args.lps, float, "lps"), objectives=_list(args.objectives, str, "objectives"),
-        pin_start=args.pin_start, reg_lambda=args.reg_lambda, fix=not args.no_fix, num_samples=args.num_samples,
-        screen_seeds=_list(args.seeds, int, "seeds"), confirm_seeds=_list(args.confirm_seeds, int, "confirm-seeds"),
-        features=default_features(args.features or "auto", channels), confidence=args.confidence,
-        rank_by=args.rank_by, batch_size=args.batch_size)
-    reference = args.reference or ("digits" if channels == 1 else "patches")
-    new = tune_checkpoint(args.ckpt, args.out, settings, reference, cache_dir=args.cache_dir, force=args.force,
+    flat = {"solvers": args.solvers, "steps": args.steps, "bases": args.bases, "lps": args.lps,
+            "objectives": args.objectives, "reg_lambda": args.reg_lambda, "trust": args.trust,
+            "mse_mode": args.mse_mode, "pin_start": args.pin_start, "fix": not args.no_fix,
+            "num_samples": args.num_samples, "screen_seeds": args.seeds, "confirm_seeds": args.confirm_seeds,
+            "features": args.features, "confidence": args.confidence, "rank_by": args.rank_by,
+            "batch_size": args.batch_size}
+    settings = checkpoint_settings(vrg, flat)
+    new = tune_checkpoint(args.ckpt, args.out, settings, args.reference, cache_dir=args.cache_dir, force=args.force,
                           inception_weights=args.inception_weights, log=None if args.json else print)
     tuned = [e for e in new["entries"] if isinstance(e.get("validated"), dict) and "screen" in e["validated"]]
     if args.json:

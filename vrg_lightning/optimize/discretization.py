@@ -31,23 +31,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from torch import Tensor
 
 from ..schedule import alpha_bar_to_lambda, alpha_bar_to_sigma
 from ..solvers import sample as solver_sample
 from ..trajectories import validate_trajectory
+from ..variance import DDIM_LIKE, EpsFn, MSEFn, cpe_paper
+from .settings import OptimizeSettings
+from .variables import Variables
 
-__all__ = ["DISC_MODES", "DISC_SOLVERS", "Curvature", "estimate_curvature", "damping_factors", "damped_cpe",
-           "disc_error", "discretization_error", "reference_trajectory", "optimize_disc"]
+__all__ = ["DISC_MODES", "DISC_SOLVERS", "Curvature", "DiscResult", "estimate_curvature", "damping_factors",
+           "damped_cpe", "disc_error", "discretization_error", "reference_trajectory", "optimize_disc"]
 
 DISC_MODES = ("coherent", "independent", "none")
-DISC_SOLVERS = ("ddim", "dpmsolver1")  # Euler in σ: the model above holds for these
-EpsFn = Callable[[Tensor, Tensor], Tensor]
+DISC_SOLVERS = DDIM_LIKE  # Euler in σ: the model above holds for these
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,17 @@ def damping_factors(alpha_bar: Tensor, data_var: float) -> Tensor:
     return data_var / (data_var + lands**2)
 
 
-def damped_cpe(alpha_bar: Tensor, mse: Callable[[Tensor], Tensor], data_var: float) -> Tensor:
-    """``Σ_i (s_i - s_{i-1})² MSE(ᾱ_i) · c²/(c² + s_{i-1}²)``: the paper's cpe with Gaussian-flow propagation."""
-    s = alpha_bar_to_sigma(alpha_bar)
-    ds = torch.diff(s, dim=-1, prepend=torch.zeros_like(s[..., :1]))
-    return (ds**2 * mse(alpha_bar) * damping_factors(alpha_bar, data_var)).sum(-1)
+def damped_cpe(alpha_bar: Tensor, mse: MSEFn, data_var: float) -> Tensor:
+    """``Σ_i (s_i - s_{i-1})² MSE(ᾱ_i) · c²/(c² + s_{i-1}²)``: the paper's cpe
+    (:func:`~vrg_lightning.variance.cpe_paper`) weighted by the Gaussian-flow propagation :func:`damping_factors`.
+
+    Example:
+        >>> ab = torch.tensor([0.9, 0.5], dtype=torch.float64)
+        >>> one = lambda a: torch.ones_like(a)
+        >>> float(damped_cpe(ab, one, 1.0)), float(cpe_paper(ab, one))  # the noisier term is damped by 1/(1 + 1/9)
+        (0.5111111111111111, 0.5555555555555556)
+    """
+    return cpe_paper(alpha_bar, mse, damping_factors(alpha_bar, data_var))
 
 
 def disc_error(alpha_bar: Tensor, curvature: Callable[[Tensor], Tensor], mode: str = "coherent",
@@ -194,11 +203,42 @@ def discretization_error(
     return float((a.double() - b.double()).square().mean())
 
 
+@dataclass
+class DiscResult:
+    """Result of :func:`optimize_disc` (``alpha_bar``/``base_alpha_bar`` float64 tensors, cleanest first; ``cpe_*``
+    and ``disc_*`` the two parts of the loss without the start penalty; ``seconds`` the wall time).
+
+    ``to_dict()`` gives the plain dict ``vrg tune`` stores; ``result["key"]`` reads the same values (old callers).
+    """
+
+    alpha_bar: Tensor
+    base_alpha_bar: Tensor
+    cpe_before: float
+    cpe_after: float
+    disc_before: float
+    disc_after: float
+    loss_before: float
+    loss: float
+    seconds: float
+    disc_mode: str
+    damping: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only: lists of floats, numbers, strings."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["alpha_bar"] = [float(v) for v in self.alpha_bar]
+        d["base_alpha_bar"] = [float(v) for v in self.base_alpha_bar]
+        return d
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+
 def optimize_disc(
     base_alpha_bar: Tensor,
-    mse_fn: Callable[[Tensor], Tensor],
+    mse_fn: MSEFn,
     curvature: Callable[[Tensor], Tensor],
-    settings: Any,
+    settings: OptimizeSettings,
     *,
     mode: str = "coherent",
     damping: bool = False,
@@ -215,37 +255,24 @@ def optimize_disc(
     each of ``starts`` (clipped into the box). Never worse than the base.
 
     Returns:
-        plain dict: ``alpha_bar``, ``base_alpha_bar``, ``cpe_before/after``, ``disc_before/after``, ``loss_before``,
-        ``loss``, ``seconds``, ``disc_mode``.
+        :class:`DiscResult`.
 
     Example:
         >>> from vrg_lightning.optimize import OptimizeSettings
         >>> base = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
         >>> r = optimize_disc(base, lambda a: 0.1 + a, lambda a: torch.ones_like(a), OptimizeSettings(lp=0.05))
-        >>> r["loss"] <= r["loss_before"]
+        >>> r.loss <= r.loss_before
         True
     """
-    from scipy.optimize import minimize
-
-    from .search import trust_bounds
-    from ..variance import cpe_paper
-
     t0 = time.perf_counter()
     ab0 = validate_trajectory(torch.as_tensor(base_alpha_bar).detach().cpu(), "base_alpha_bar").clone()
-    alpha = settings.trust == "alpha"
-    lo, hi = trust_bounds(ab0, settings)
-    if alpha:
-        lo, hi = np.log(lo), np.log(hi)
+    var = Variables(ab0, settings)
+    lo, hi = var.lo, var.hi
     end0 = float(ab0[-1])
 
-    def to_y(ab: Tensor) -> np.ndarray:
-        if alpha:
-            return np.log((ab / torch.cat([ab.new_ones(1), ab[:-1]])).numpy())
-        return alpha_bar_to_lambda(ab).numpy()
-
     def to_ab(y: Tensor) -> Tensor:
-        ab = torch.exp(torch.cumsum(y, 0)) if alpha else torch.sigmoid(y)
-        if settings.pin_start and alpha:  # hold the noisiest ᾱ: rescale the last ratio
+        ab = var.alpha_bar(y)
+        if settings.pin_start and var.alpha:  # hold the noisiest ᾱ: rescale the last ratio
             ab = torch.cat([ab[:-1], ab.new_tensor([end0])])
         return ab
 
@@ -275,7 +302,7 @@ def optimize_disc(
     best_f = f0
     bounds = list(zip(lo.tolist(), hi.tolist(), strict=True))
     for s in (ab0, *starts):
-        y = np.clip(to_y(validate_trajectory(s, "start")), lo, hi)
+        y = np.clip(var.from_alpha_bar(validate_trajectory(s, "start")), lo, hi)
         res = minimize(fg, y, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": max_iter})
         with torch.no_grad():
             ab = to_ab(torch.as_tensor(res.x, dtype=torch.float64))
@@ -284,6 +311,6 @@ def optimize_disc(
             best_ab, best_f = ab, f
     with torch.no_grad():
         c1, d1, f1 = (float(v) for v in parts(best_ab))
-    return {"alpha_bar": [float(v) for v in best_ab], "base_alpha_bar": [float(v) for v in ab0],
-            "cpe_before": c0, "cpe_after": c1, "disc_before": d0, "disc_after": d1, "loss_before": f0, "loss": f1,
-            "seconds": time.perf_counter() - t0, "disc_mode": mode, "damping": bool(damping)}
+    return DiscResult(alpha_bar=best_ab, base_alpha_bar=ab0, cpe_before=c0, cpe_after=c1, disc_before=d0,
+                      disc_after=d1, loss_before=f0, loss=f1, seconds=time.perf_counter() - t0, disc_mode=mode,
+                      damping=bool(damping))

@@ -188,9 +188,10 @@ class TrajectoryGrid:
         object.__setattr__(self, "reg_lambda", float(self.reg_lambda))
 
     def settings(self, solver: str, lp: float, objective: str) -> OptimizeSettings:
-        """The :class:`OptimizeSettings` of one grid point."""
-        return OptimizeSettings(lp=lp, reg_lambda=self.reg_lambda, objective=objective, solver=solver,
-                                mse_mode=self.mse_mode, trust=self.trust, pin_start=self.pin_start)
+        """The :class:`OptimizeSettings` of one grid point: the grid's shared optimizer fields (every field the two
+        classes have in common) with this ``solver``, ``lp`` and ``objective``."""
+        shared = {f.name: getattr(self, f.name) for f in fields(OptimizeSettings) if f.name in _GRID_NAMES}
+        return OptimizeSettings(**{**shared, "solver": solver, "lp": lp, "objective": objective})
 
     def combinations(self) -> Iterator[tuple[str, int, str, str, float]]:
         """``(solver, steps, base, objective, lp)`` in storage order (solver, steps, base, objective, lp)."""
@@ -214,6 +215,9 @@ class TrajectoryGrid:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing or ``None`` ones take their defaults."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+
+_GRID_NAMES = frozenset(f.name for f in fields(TrajectoryGrid))
 
 
 def grid_fields() -> tuple[Any, ...]:

@@ -1,0 +1,122 @@
+"""Stored trajectory entries (``checkpoint["vrg"]["entries"]``): the one builder, used by
+:class:`~vrg_lightning.callbacks.VRGProfiler`, ``vrg profile`` (:func:`compute_entries`) and tuning (the pieces).
+
+An entry is a plain dict: ``solver, steps, base``, then the optimizer's settings (:data:`SETTING_KEYS`), then its
+result (:data:`RESULT_KEYS`), then ``profile_source`` and ``validated`` (``None`` until ``vrg tune`` decides). Tuned
+entries add ``kind`` after ``objective`` and may leave out some results; :func:`make_entry` keeps the fields in the
+order given.
+
+Optimisations are memoised by :func:`optimize_cached` under one key rule (:func:`cache_key`): the base trajectory's
+values and the settings, without the solver when the objective is ``paper`` (the published cpe does not depend on
+the solver, so a grid of several solvers optimises it once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..trajectories import make_trajectory
+from ..variance import MSEFn
+from .search import optimize_trajectory
+from .settings import OptimizeResult, OptimizeSettings, TrajectoryGrid
+
+__all__ = ["SETTING_KEYS", "RESULT_KEYS", "cache_key", "optimize_cached", "settings_fields", "result_fields",
+           "make_entry", "compute_entries"]
+
+SETTING_KEYS = ("objective", "lp", "reg_lambda", "trust", "pin_start", "mse_mode")
+RESULT_KEYS = ("alpha_bar", "base_alpha_bar", "cpe_before", "cpe_after", "loss_before", "loss", "seconds",
+               "iterations", "evaluations")
+
+
+def cache_key(base_alpha_bar: Tensor | Sequence[float], settings: OptimizeSettings, kind: str = "vrg") -> tuple:
+    """The key of one optimisation: ``(kind, base ᾱ values, settings)``, the solver left out for ``paper``.
+
+    Example:
+        >>> ab = torch.tensor([0.9, 0.5], dtype=torch.float64)
+        >>> cache_key(ab, OptimizeSettings(solver="ddim")) == cache_key(ab, OptimizeSettings(solver="dpmpp_2m"))
+        True
+    """
+    d = settings.to_dict()
+    if settings.objective == "paper":
+        d.pop("solver")
+    values = tuple(float(v) for v in torch.as_tensor(base_alpha_bar, dtype=torch.float64).reshape(-1).tolist())
+    return (kind, values, tuple(sorted(d.items())))
+
+
+def optimize_cached(
+    base_alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings, cache: dict | None = None
+) -> OptimizeResult:
+    """:func:`~vrg_lightning.optimize.optimize_trajectory`, memoised in ``cache`` under :func:`cache_key`.
+
+    The cache must hold results of one MSE function (a grid's or a tuning run's profile).
+    """
+    if cache is None:
+        return optimize_trajectory(base_alpha_bar, mse_fn, settings)
+    key = cache_key(base_alpha_bar, settings)
+    if key not in cache:
+        cache[key] = optimize_trajectory(base_alpha_bar, mse_fn, settings)
+    return cache[key]
+
+
+def settings_fields(settings: OptimizeSettings, **overrides: Any) -> dict[str, Any]:
+    """The entry's optimizer fields (:data:`SETTING_KEYS`, plain types) of ``settings``; ``overrides`` replace
+    values (e.g. the requested objective when a DDIM-like solver objective was optimised as ``paper``).
+
+    Example:
+        >>> settings_fields(OptimizeSettings(lp=0.1), objective="solver")
+        {'objective': 'solver', 'lp': 0.1, 'reg_lambda': 100.0, 'trust': 'alpha', 'pin_start': False, 'mse_mode': 'fit'}
+    """
+    bad = sorted(set(overrides) - set(SETTING_KEYS))
+    if bad:
+        raise ValueError(f"settings_fields: unknown field(s) {', '.join(bad)}; allowed: {', '.join(SETTING_KEYS)}.")
+    d = settings.to_dict()
+    return {k: overrides.get(k, d[k]) for k in SETTING_KEYS}
+
+
+def result_fields(result: Any, keys: Sequence[str] = RESULT_KEYS) -> dict[str, Any]:
+    """The entry's result fields ``keys`` (plain lists and numbers) of an :class:`OptimizeResult`, a
+    :class:`~.discretization.DiscResult` or a mapping; keys the result does not have are ``None``."""
+    d = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    return {k: d.get(k) for k in keys}
+
+
+def make_entry(
+    solver: str, steps: int, base: str, *fields: Mapping[str, Any], profile_source: str,
+    validated: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One stored entry: ``{solver, steps, base, **fields (in the order given), profile_source, validated}``."""
+    out: dict[str, Any] = {"solver": solver, "steps": int(steps), "base": base}
+    for f in fields:
+        out.update(f)
+    out["profile_source"] = profile_source
+    out["validated"] = validated
+    return out
+
+
+def compute_entries(profile: Any, schedule: Any, grid: TrajectoryGrid) -> list[dict[str, Any]]:
+    """Optimise every point of ``grid`` against ``profile``; one entry each, in :meth:`TrajectoryGrid.combinations`
+    order. The ``paper`` objective is optimised once per (steps, base, lp) and recorded for each solver.
+
+    Args:
+        profile: an :class:`~vrg_lightning.profile.ErrorProfile` (its ``mse_function(grid.mse_mode)`` is the MSE).
+        schedule: the :class:`~vrg_lightning.schedule.NoiseSchedule` the base trajectories are made for.
+        grid: the :class:`TrajectoryGrid`.
+    """
+    if not isinstance(grid, TrajectoryGrid):
+        raise ValueError(f"grid must be a TrajectoryGrid; got {type(grid).__name__}.")
+    mse_fn = profile.mse_function(grid.mse_mode)
+    cache: dict = {}
+    bases: dict[tuple[int, str], Tensor] = {}
+    entries = []
+    for solver, n, base, objective, lp in grid.combinations():
+        if (n, base) not in bases:
+            bases[(n, base)] = make_trajectory(schedule, base, int(n))
+        st = grid.settings(solver, lp, objective)
+        r = optimize_cached(bases[(n, base)], mse_fn, st, cache)
+        entries.append(make_entry(solver, n, base, settings_fields(st), result_fields(r),
+                                  profile_source=profile.source))
+    return entries

@@ -1,0 +1,137 @@
+"""The optimizer's variables and trust region, shared by the VRG search (:mod:`.search`) and the
+discretisation-aware objective (:mod:`.discretization`).
+
+==============  =====================================  ===============================================
+name            paper / reference code                 meaning
+==============  =====================================  ===============================================
+``alpha_bar``   ``ab_i``                               trajectory, strictly decreasing, inside (0, 1)
+``alpha``       ``alpha_i = ab_i / ab_{i-1}``           per-step factor, ``alpha_0 = ab_0``
+``y``           (the MLP's output)                     variables: ``log alpha_i`` (``alpha`` trust) or λ_i
+``z``                                                  coordinates of the steps: ``log ab_i`` or λ_i
+``lp``          learning portion                       trust-region size
+==============  =====================================  ===============================================
+
+Trust regions (``settings.trust``):
+
+- ``"alpha"`` (the paper): ``alpha_i ∈ [alpha_i^o - d_i, alpha_i^o + d_i]``,
+  ``d_i = min(lp, alpha_i^o, 1 - alpha_i^o)``.
+- ``"logsnr"``: ``λ_i ∈ [λ_i^o - δ_i, λ_i^o + δ_i]``, ``δ_i = lp/2 ·`` (distance in λ to the nearest neighbouring step;
+  ``lp/2`` nats for a single step). As ``lp < 1`` the intervals never overlap, so the order of the steps is kept.
+
+Bounds that would reach ᾱ-ratio 0 or 1 are kept inside by a relative :data:`EDGE` of the distance, so every point of
+the box is a strictly decreasing trajectory inside (0, 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..schedule import alpha_bar_to_lambda
+from ..trajectories import validate_trajectory
+from .settings import OptimizeSettings
+
+__all__ = ["EDGE", "trust_bounds", "Variables"]
+
+EDGE = 1e-6  # bounds touching 0 or 1 stay inside by this fraction of the distance
+
+
+def trust_bounds(alpha_bar: Tensor, settings: OptimizeSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Box of the optimizer's variables: per-step ratios α_i (``trust="alpha"``) or λ_i (``"logsnr"``).
+
+    Example:
+        >>> lo, hi = trust_bounds(torch.tensor([0.9, 0.45], dtype=torch.float64), OptimizeSettings(lp=0.05))
+        >>> [round(float(v), 6) for v in lo], [round(float(v), 6) for v in hi]
+        ([0.85, 0.45], [0.95, 0.55])
+    """
+    ab = validate_trajectory(alpha_bar).numpy()
+    lp = settings.lp
+    if settings.trust == "alpha":
+        a0 = ab / np.concatenate([[1.0], ab[:-1]])
+        d = np.minimum(lp, np.minimum(a0, 1 - a0))
+        lo, hi = a0 - d, a0 + d
+        lo = np.where(lo <= 0, a0 * EDGE, lo)
+        hi = np.where(hi >= 1, 1 - (1 - a0) * EDGE, hi)
+        return np.minimum(lo, a0), np.maximum(np.where(hi >= 1, a0, hi), a0)
+    lam = alpha_bar_to_lambda(torch.as_tensor(ab)).numpy()
+    gaps = np.full(lam.size, np.inf)
+    if lam.size > 1:
+        g = lam[:-1] - lam[1:]
+        gaps[:-1] = np.minimum(gaps[:-1], g)
+        gaps[1:] = np.minimum(gaps[1:], g)
+    else:
+        gaps[:] = 1.0
+    delta = lp / 2 * gaps
+    if settings.pin_start:
+        delta[-1] = 0.0
+    return lam - delta, lam + delta
+
+
+class Variables:
+    """The variables ``y`` of a base trajectory and their box: ``log α_i`` (``alpha`` trust) or λ_i (``logsnr``).
+
+    Attributes:
+        alpha: ratio variables (``trust="alpha"``).
+        lo, hi: the box in ``y`` (:func:`trust_bounds`, logged for ``alpha``).
+        y0: the base trajectory's variables, clipped into the box.
+        log_end: log of the base's noisiest ᾱ (a pinned start holds ``Σ y = log_end`` in ``alpha`` trust).
+
+    Example:
+        >>> v = Variables(torch.tensor([0.9, 0.45], dtype=torch.float64), OptimizeSettings(lp=0.05))
+        >>> [round(float(a), 6) for a in v.alpha_bar(torch.as_tensor(v.y0))]
+        [0.9, 0.45]
+    """
+
+    def __init__(self, base_alpha_bar: Tensor, settings: OptimizeSettings) -> None:
+        self.alpha = settings.trust == "alpha"
+        lo, hi = trust_bounds(base_alpha_bar, settings)
+        self.lo, self.hi = (np.log(lo), np.log(hi)) if self.alpha else (lo, hi)
+        self.log_end = math.log(float(base_alpha_bar[-1]))
+        self.y0 = np.clip(self.from_alpha_bar(base_alpha_bar), self.lo, self.hi)
+
+    def from_alpha_bar(self, alpha_bar: Tensor) -> np.ndarray:
+        """``y`` of a trajectory (not clipped into the box)."""
+        if self.alpha:
+            return np.log((alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])).numpy())
+        return alpha_bar_to_lambda(alpha_bar).numpy()
+
+    def from_alpha_bar_np(self, alpha_bar: np.ndarray) -> np.ndarray:
+        """``y`` of a trajectory given as a numpy array (not clipped into the box)."""
+        if self.alpha:
+            return np.diff(np.log(alpha_bar), prepend=0.0)
+        return np.log(alpha_bar) - np.log1p(-alpha_bar)
+
+    def alpha_bar(self, y: Tensor) -> Tensor:
+        """ᾱ of ``y`` ``[..., N]`` (differentiable)."""
+        return torch.exp(torch.cumsum(y, -1)) if self.alpha else torch.sigmoid(y)
+
+    def alpha_bar_np(self, ys: np.ndarray) -> np.ndarray:
+        """ᾱ of ``ys`` ``[..., N]`` in numpy."""
+        return np.exp(np.cumsum(ys, -1)) if self.alpha else 1 / (1 + np.exp(-ys))
+
+    def coords(self, y: np.ndarray) -> np.ndarray:
+        """``z`` of ``y``: log ᾱ (``alpha``) or λ (``logsnr``); a block move shifts a run of them equally."""
+        return np.cumsum(y, axis=-1) if self.alpha else y
+
+    def coords_of_alpha_bar(self, alpha_bar: np.ndarray) -> np.ndarray:
+        """``z`` of ᾱ values (e.g. the MSE function's knots)."""
+        return np.log(alpha_bar) if self.alpha else np.log(alpha_bar) - np.log1p(-alpha_bar)
+
+    def chain_rule(self, grad_ab: np.ndarray, ab: np.ndarray) -> np.ndarray:
+        """``d/dy`` from ``d/dᾱ`` (rows ``[K, N]``) at ``ab = alpha_bar_np(y)``."""
+        if self.alpha:
+            return np.cumsum((grad_ab * ab)[:, ::-1], -1)[:, ::-1]
+        return grad_ab * ab * (1 - ab)
+
+    def project_pinned(self, y: np.ndarray) -> np.ndarray:
+        """Euclidean projection onto {box, Σ y = log ᾱ_end} (a pinned start in ``alpha`` trust): ``clip(y + μ)``,
+        μ exact from the sorted breakpoints."""
+        bp = np.sort(np.concatenate([self.lo - y, self.hi - y]))
+        sums = np.clip(y[None, :] + bp[:, None], self.lo, self.hi).sum(1)  # non-decreasing in μ
+        k = int(np.clip(np.searchsorted(sums, self.log_end), 1, bp.size - 1))
+        s0, s1 = sums[k - 1], sums[k]
+        mu = bp[k] if s1 == s0 else bp[k - 1] + (self.log_end - s0) * (bp[k] - bp[k - 1]) / (s1 - s0)
+        return np.clip(y + mu, self.lo, self.hi)

@@ -1,0 +1,128 @@
+"""Which trajectory to sample: a base name, the checkpoint's stored VRG entry (``checkpoint.select_entry``, the one
+lookup rule) or a trajectory file, resolved to ᾱ values; and the cpe of a trajectory under the checkpoint's profile.
+
+Errors are Python errors naming the argument (``trajectory``, ``steps``); ``vrg sample``/``vrg export`` add the flag
+wording. Nothing is printed: a stored entry for which validated tuning kept the base says so in
+:attr:`Trajectory.note`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import check_same_schedule, select_entry
+from ..trajectories import BASES, load_trajectory, make_trajectory, validate_trajectory
+
+__all__ = ["Trajectory", "TRAJECTORY_NAMES", "resolve_trajectory", "trajectory_cpe"]
+
+TRAJECTORY_NAMES = (*(b for b in BASES if b != "list"), "vrg")
+"""Names ``resolve_trajectory`` takes besides a file: the bases that need only a step count, and ``vrg``."""
+
+_SUMMARY = ("solver", "steps", "base", "objective", "lp", "reg_lambda", "trust", "cpe_before", "cpe_after",
+            "validated")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A resolved sampling trajectory and where it came from (``base:NAME``, ``vrg`` or ``file:PATH``).
+
+    ``entry`` summarises the stored entry of a ``vrg`` trajectory; ``note`` is set when that entry's trajectory is
+    its base (validated tuning kept the base).
+    """
+
+    alpha_bar: tuple[float, ...]
+    source: str
+    base: str | None = None
+    entry: dict[str, Any] | None = None
+    note: str | None = None
+
+    @property
+    def tensor(self) -> Tensor:
+        return torch.tensor(self.alpha_bar, dtype=torch.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "base": self.base, "steps": len(self.alpha_bar),
+                "alpha_bar": list(self.alpha_bar), "entry": self.entry}
+
+
+def _stored(schedule: Any, vrg: Mapping[str, Any] | None, solver: str, steps: int, base: str | None,
+            objective: str | None, lp: float | None) -> Trajectory:
+    e = select_entry(vrg, solver, steps, base=base, objective=objective, lp=lp)
+    if vrg is not None and "schedule" in vrg:
+        check_same_schedule(vrg["schedule"], schedule, "checkpoint's vrg section")
+    ab = validate_trajectory(e["alpha_bar"], "stored VRG trajectory")
+    val, note = e.get("validated"), None
+    if isinstance(val, Mapping) and val.get("selected") is False:  # vrg tune kept the base: alpha_bar is the base
+        note = (f"validated tuning kept the base {e.get('base')} for {solver}/{steps} ({val.get('reason')}); "
+                "sampling the base trajectory.")
+    return Trajectory(tuple(ab.tolist()), "vrg", e.get("base"), {k: e.get(k) for k in _SUMMARY if k in e}, note)
+
+
+def resolve_trajectory(
+    schedule: Any,
+    vrg: Mapping[str, Any] | None,
+    solver: str,
+    steps: int | None,
+    trajectory: str,
+    *,
+    base: str | None = None,
+    objective: str | None = None,
+    lp: float | None = None,
+) -> Trajectory:
+    """Turn ``trajectory`` (a base name, ``"vrg"`` or a trajectory file) into ᾱ values.
+
+    Args:
+        schedule: the model's :class:`~vrg_lightning.schedule.NoiseSchedule`.
+        vrg: the checkpoint's ``vrg`` section (needed for ``"vrg"``).
+        solver, steps: the stored entry's solver and step count; ``steps`` also checks a file's length.
+        trajectory: one of :data:`TRAJECTORY_NAMES` or a file (:func:`~vrg_lightning.trajectories.load_trajectory`).
+        base, objective, lp: narrow the stored entry (``None`` = any).
+
+    Raises:
+        ValueError: unknown name and no such file, no ``steps`` for a name, a file whose length differs from
+            ``steps``, or no (or no unique) stored entry.
+
+    Example:
+        >>> from vrg_lightning.schedule import NoiseSchedule
+        >>> resolve_trajectory(NoiseSchedule(), None, "ddim", 3, "logSNR").source
+        'base:logSNR'
+    """
+    if trajectory in TRAJECTORY_NAMES:
+        if steps is None:
+            raise ValueError(f"trajectory {trajectory!r} needs steps (the number of steps); got steps=None.")
+        if trajectory == "vrg":
+            return _stored(schedule, vrg, solver, int(steps), base, objective, lp)
+        ab = make_trajectory(schedule, trajectory, int(steps))
+        return Trajectory(tuple(ab.tolist()), f"base:{trajectory}", trajectory)
+    p = Path(trajectory)
+    if not p.is_file():
+        raise ValueError(f"trajectory must be a base name ({', '.join(TRAJECTORY_NAMES[:-1])}), 'vrg' or a "
+                         f"trajectory file; got {trajectory!r} (no such file).")
+    ab = load_trajectory(p)
+    if steps is not None and ab.numel() != steps:
+        raise ValueError(f"Trajectory file {trajectory!r} holds {ab.numel()} values but steps is {steps}.")
+    return Trajectory(tuple(ab.tolist()), f"file:{p}", None)
+
+
+def trajectory_cpe(alpha_bar: Tensor, vrg: Mapping[str, Any] | None, solver: str) -> dict[str, Any] | None:
+    """cpe of a trajectory under the checkpoint's error profile: ``{"mse": "fit", "paper": .., "solver": ..}``
+    (``solver`` is ``None`` for a solver without propagation weights); ``None`` without a profile."""
+    if not vrg or "profile" not in vrg:
+        return None
+    from ..profile import ErrorProfile
+    from ..variance import cpe
+
+    mse = ErrorProfile.from_dict(vrg["profile"]).mse_function("fit")
+    ab = validate_trajectory(alpha_bar)
+    out: dict[str, Any] = {"mse": "fit", "paper": float(cpe(ab, mse, "paper"))}
+    try:
+        out["solver"] = float(cpe(ab, mse, "solver", solver))
+    except ValueError:
+        out["solver"] = None
+    return out
