@@ -9,7 +9,7 @@ hits both alike. The step time is measured from one ``on_train_batch_start`` to 
 optimizer, EMA, callbacks; CUDA synchronised at those two points in both modes). Reported: the ratio of mean step
 times with/without free mode, the ratio of medians, and the callback hook's own median time (CUDA synchronised
 around it) as a fraction of the median step without it, 1 + that fraction being the low-variance estimate of the
-ratio on a loaded machine. Probe: :func:`vrg_lightning.callbacks.probe_profile` with the
+ratio on a loaded machine. Probe: :func:`vrg_lightning.probe.probe_profile` with the
 EMA weights, wall time per 1,000 samples.
 """
 
@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from vrg_lightning.callbacks import VRGProfiler, probe_profile
+from vrg_lightning import VRGProfiler, probe_profile
 from vrg_lightning.module import DiffusionModule
 
 CIFAR_UNET = {"sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 256, 256],

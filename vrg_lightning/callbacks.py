@@ -23,10 +23,11 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from .checkpoint import VRG_KEY, build_vrg_state, check_same_schedule
+from .optimize.entries import compute_entries
 from .optimize.settings import TrajectoryGrid
-from .probe import PROBE_BATCH, PROBE_BINS, PROBE_CHUNK, PROBE_SAMPLES, probe_profile  # noqa: F401 - earlier path
+from .probe import PROBE_BATCH, PROBE_BINS, PROBE_SAMPLES, probe_profile
 from .profile import ErrorProfile
-from .protocol import PROTOCOL_KEYS, eval_mode, protocol_fields, protocol_schedule  # noqa: F401 - earlier path
+from .protocol import eval_mode, protocol_fields, protocol_schedule
 from .report import cpe_metrics, log_profile
 from .schedule import NoiseSchedule, alpha_bar_to_lambda
 
@@ -171,7 +172,6 @@ class VRGProfiler(Callback):
         self.probe_step = trainer.global_step
         return self.probe
 
-    # --- profile → trajectories -----------------------------------------------------------------------------------
     def current_profile(self, trainer: Trainer) -> ErrorProfile | None:
         """Probe profile if measured at this step, else the free profile, else the last probe (collective)."""
         free = self.free_profile(trainer)
@@ -183,9 +183,7 @@ class VRGProfiler(Callback):
     def _entries(self, profile: ErrorProfile, trainer: Trainer) -> list[dict[str, Any]]:
         key = (profile.source, trainer.global_step, float(profile.count.sum()))
         if key != self._entries_key:
-            from .optimize.entries import compute_entries as compute
-
-            self.entries = compute(profile, self.schedule, self.grid) if self.grid.steps else []
+            self.entries = compute_entries(profile, self.schedule, self.grid) if self.grid.steps else []
             self._entries_key = key
             if trainer.logger is not None and self.entries:
                 trainer.logger.log_metrics(cpe_metrics(self.entries), step=trainer.global_step)
@@ -209,9 +207,8 @@ class VRGProfiler(Callback):
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         state = self.vrg_state(trainer, pl_module, self.optimize_on_save or self._fit_ended)
-        if state is not None:
-            vrg = checkpoint.get(VRG_KEY) or {}
-            checkpoint[VRG_KEY] = {**vrg, **state, **({"model": vrg["model"]} if "model" in vrg else {})}
+        if state is not None:  # keeps what the module stored there (its "model" section)
+            checkpoint[VRG_KEY] = {**(checkpoint.get(VRG_KEY) or {}), **state}
 
     @override
     def state_dict(self) -> dict[str, Any]:
