@@ -5,8 +5,8 @@ sampling the validated entry, the VRGProfiler option and a smoke run of benchmar
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -245,8 +245,9 @@ def test_profiler_option_validates_settings() -> None:
 
 
 def test_quality_smoke_run_is_resumable(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import quality
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
 
     ckpt = make_checkpoint(tmp_path / "m.ckpt")
     args = ["--ckpt", str(ckpt), "--grid", "smoke", "--lps", "0.1", "--pin-start", "free", "--num-samples", "16",
