@@ -27,3 +27,16 @@ def test_unknown_name_is_an_attribute_error() -> None:
         assert "no_such_name" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_moved_modules_keep_their_old_names() -> None:
+    from vrg_lightning import discretization, evaluation, metrics, sampling, stats, tune
+    from vrg_lightning.optimize import discretization as new_disc
+
+    assert metrics.feature_stats is evaluation.feature_stats and metrics.FeatureStats is evaluation.FeatureStats
+    assert tune.TuneSettings is evaluation.TuneSettings and tune.FIDEvaluator is evaluation.FIDEvaluator
+    assert stats.paired_difference is evaluation.paired_difference
+    assert discretization.optimize_disc is new_disc.optimize_disc
+    assert sampling.paired_compare is evaluation.paired_compare
+    assert sampling.save_grid.__module__ == "vrg_lightning.report"
+    assert sampling.select_vrg_entry is vrg_lightning.select_entry

@@ -1,5 +1,3 @@
-"""Moved to :mod:`vrg_lightning.evaluation.stats`; this shim keeps old imports working."""
+"""Moved to :mod:`vrg_lightning.evaluation.stats`; kept for old imports."""
 
-from .evaluation.stats import PairedDifference, median, paired_difference, spearman
-
-__all__ = ["PairedDifference", "median", "paired_difference", "spearman"]
+from .evaluation.stats import *  # noqa: F401,F403

@@ -1,20 +1,7 @@
-"""Moved to :mod:`vrg_lightning.evaluation.tune` (and the paired evaluator to :mod:`vrg_lightning.evaluation.paired`);
-this shim keeps old imports working."""
+"""Moved to :mod:`vrg_lightning.evaluation.tune` (the paired evaluator to :mod:`vrg_lightning.evaluation.paired`);
+kept for old imports."""
 
-from .evaluation.features import default_features
-from .evaluation.paired import FIDEvaluator
-from .evaluation.stats import median
-from .evaluation.tune import (
-    PIN_CHOICES,
-    Candidate,
-    TuneSettings,
-    make_candidates,
-    measure_curvature,
-    reference_for,
-    tune_cell,
-    tune_checkpoint,
-    tune_vrg,
-)
-
-__all__ = ["PIN_CHOICES", "TuneSettings", "Candidate", "FIDEvaluator", "make_candidates", "tune_cell", "tune_vrg",
-           "measure_curvature", "tune_checkpoint", "reference_for", "default_features", "median"]
+from .evaluation.features import default_features  # noqa: F401
+from .evaluation.paired import FIDEvaluator  # noqa: F401
+from .evaluation.stats import median  # noqa: F401
+from .evaluation.tune import *  # noqa: F401,F403

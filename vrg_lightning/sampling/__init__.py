@@ -28,7 +28,11 @@ __all__ = ["sample_seed", "initial_noise", "sample_labels", "image_shape", "gene
            "TRAJECTORY_NAMES", "select_vrg_entry", "resolve_trajectory", "trajectory_cpe", *_JOB]
 
 
+_MOVED = {"save_grid": "..report", "compare_markdown": "..report", "plot_compare": "..report",
+          "CompareRow": "..evaluation.paired", "paired_compare": "..evaluation.paired"}  # earlier homes
+
+
 def __getattr__(name: str) -> Any:  # PEP 562: the job (and with it Lightning) loads on first use
-    if name in _JOB:
-        return getattr(importlib.import_module(".job", __name__), name)
+    if name in _JOB or name in _MOVED:
+        return getattr(importlib.import_module(_MOVED.get(name, ".job"), __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
