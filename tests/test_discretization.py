@@ -3,14 +3,12 @@ exact ε is known), damping, and the cpe + disc optimizer."""
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from vrg_lightning import discretization as dz
 from vrg_lightning.discretization import (
     DISC_SOLVERS,
     Curvature,
@@ -41,10 +39,6 @@ def setup() -> tuple[NoiseSchedule, torch.Tensor, Curvature]:
     sch = NoiseSchedule()
     x = torch.randn(64, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     return sch, x, estimate_curvature(gaussian_eps, x, make_trajectory(sch, "logSNR", 400))
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(dz).failed == 0
 
 
 def test_curvature_matches_the_analytic_path_derivative(setup) -> None:

@@ -3,14 +3,12 @@ rounding."""
 
 from __future__ import annotations
 
-import doctest
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from vrg_lightning import export
 from vrg_lightning.checkpoint import read_vrg
 from vrg_lightning.cli import main
 from vrg_lightning.export import export_trajectory
@@ -32,10 +30,6 @@ def ckpt(sampling_files: dict[str, Path]) -> Path:
 def _mse():
     ab = SCHED.alphas_cumprod[::50]
     return ErrorProfile.from_table(ab, 0.02 + 0.3 * (1 - ab) * ab + 0.05 * ab).mse_function("fit")
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(export).failed == 0
 
 
 def test_sigmas_drive_diffusers_euler_like_our_ddim() -> None:

@@ -3,7 +3,6 @@ against scipy and torchmetrics, the reference cache and the InceptionV3 path (ra
 
 from __future__ import annotations
 
-import doctest
 import os
 import socket
 from pathlib import Path
@@ -28,8 +27,6 @@ from vrg_lightning.evaluation import (
     reference_key,
     reference_stats,
 )
-from vrg_lightning.evaluation import features as features_module
-from vrg_lightning.evaluation import fid as fid_module
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +41,6 @@ def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-@pytest.mark.parametrize("module", [features_module, fid_module])
-def test_doctests(module) -> None:
-    assert doctest.testmod(module).failed == 0
 
 
 def test_old_import_path_is_the_same_implementation() -> None:

@@ -4,7 +4,6 @@ keyed by model, features, solver, trajectory, seed, images and guidance, and cac
 from __future__ import annotations
 
 import copy
-import doctest
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -24,8 +23,6 @@ from vrg_lightning.evaluation import (
     paired_compare,
     trajectory_key,
 )
-from vrg_lightning.evaluation import paired as paired_module
-from vrg_lightning.evaluation import stats as stats_module
 from vrg_lightning.sampling import generate
 from vrg_lightning.trajectories import make_trajectory
 
@@ -44,11 +41,6 @@ def setup(sampling_files: dict[str, Path]) -> dict:
 
 def _no_sampling(*args, **kwargs):
     raise AssertionError("a cached evaluation must not sample")
-
-
-@pytest.mark.parametrize("module", [paired_module, stats_module])
-def test_doctests(module) -> None:
-    assert doctest.testmod(module).failed == 0
 
 
 def test_compare_row_fields_are_unchanged() -> None:

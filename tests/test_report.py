@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 from pathlib import Path
 
@@ -17,11 +16,6 @@ from vrg_lightning.checkpoint import read_vrg
 from vrg_lightning.evaluation.paired import CompareRow
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.report import compare_markdown, format_report, image_grid, inspect_checkpoint, save_grid
-
-
-def test_doctests() -> None:
-    res = doctest.testmod(report)
-    assert res.failed == 0 and res.attempted > 0
 
 
 def test_save_grid_writes_the_tiled_images_enlarged(tmp_path: Path) -> None:

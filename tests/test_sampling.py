@@ -3,7 +3,6 @@ under ddp and ddp_spawn), refusal to mix runs, compare mode and CLI errors."""
 
 from __future__ import annotations
 
-import doctest
 import json
 import os
 import re
@@ -50,12 +49,6 @@ def _report(out: Path) -> dict:
     r["arguments"].pop("batch_size"), r["arguments"].pop("out"), r["arguments"].pop("devices")
     r["arguments"].pop("strategy")
     return r
-
-
-@pytest.mark.parametrize("module", ["seeds", "resolve", "job"])
-def test_doctests(module: str) -> None:
-    res = doctest.testmod(getattr(sampling, module))
-    assert res.failed == 0 and res.attempted > 0
 
 
 def test_noise_and_labels_depend_only_on_seed_and_index() -> None:

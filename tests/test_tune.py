@@ -36,14 +36,6 @@ STORED = {"solvers": ["ddim"], "steps": [4], "bases": ["time_uniform"], "lps": [
           "confidence": 0.95, "rank_by": "upper", "batch_size": 256, "curvature_samples": 32, "curvature_steps": 100}
 
 
-def test_doctests() -> None:
-    import doctest
-
-    from vrg_lightning.evaluation import tune
-
-    assert doctest.testmod(tune).failed == 0
-
-
 def _flat(**changes) -> TuneSettings:
     return TuneSettings.from_dict(changes)
 
