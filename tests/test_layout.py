@@ -39,3 +39,18 @@ def test_commands_define_no_classes() -> None:
     for path in (PACKAGE / "commands").glob("*.py"):
         tree = ast.parse(path.read_text())
         assert not [n for n in tree.body if isinstance(n, ast.ClassDef) and not path.name.startswith("_")], path
+
+
+CORE = ("schedule", "trajectories", "profile", "interpolants", "solvers", "variance", "io")
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core_imports_only_the_core(name: str) -> None:
+    """The flat core depends on torch, numpy and scipy and on itself, never on a package, Lightning or diffusers."""
+    tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert (node.module or "").split(".")[0] in CORE, f"{name}.py imports .{node.module}"
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            assert not any(m.split(".")[0] in ("lightning", "diffusers", "torchmetrics") for m in mods), name
