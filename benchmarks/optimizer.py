@@ -3,8 +3,8 @@
 Reports, for the published setting (lp 0.01, λ 100, paper objective and MSE interpolation), the loss before and after
 and the optimizer's time on one core for every reference trajectory, some other settings for 10 steps, and a
 comparison with slow independent searches (long projected subgradient runs from several starts, and dynamic
-programming over a fine grid of absolute ᾱ values) showing the optimum is reached. Updates the "Optimizer" section of
-docs/BENCHMARKS.md.
+programming over a fine grid of absolute ᾱ values) showing the optimum is reached. Appends the run to the "Optimizer"
+section of the benchmark log, docs/benchmarks/log-2026.md (docs/BENCHMARKS.md quotes the current tables).
 
     python benchmarks/optimizer.py [--reference ../shared/reference] [--repeats 5] [--no-write]
 """
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20000, help="projected subgradient iterations per start")
     ap.add_argument("--grid", type=int, default=2000, help="points per step of the absolute-grid DP")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave the benchmark log alone")
     args = ap.parse_args(argv)
     table = args.reference / "MSE_vs_alpha_bar_cifar10.txt"
     if not table.is_file():
@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     emit("")
     body = "\n".join(lines)
     if not args.no_write:
-        append_run(ROOT / "docs" / "BENCHMARKS.md", body)
-        print(f"updated {ROOT / 'docs' / 'BENCHMARKS.md'}")
+        append_run(ROOT / "docs" / "benchmarks" / "log-2026.md", body)
+        print(f"updated {ROOT / 'docs' / 'benchmarks' / 'log-2026.md'}")
     return 0
 
 
