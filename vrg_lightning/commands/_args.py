@@ -88,7 +88,7 @@ def add_grid_arguments(parser: Any, defaults: TrajectoryGrid | None = None, *, s
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{help_} (default: {default})")
         else:
-            cast = float if isinstance(getattr(defaults, f.name), float) else str
+            cast = _item_type(f) if _item_type(f) in (int, float) else str
             parser.add_argument(flag, type=cast, choices=choices, default=default,
                                 help=f"{help_} (default: {default})")
 
