@@ -261,8 +261,12 @@ def _entry_line(e: Mapping[str, Any]) -> str:
     change = 100 * (a / b - 1) if b and math.isfinite(b) else math.nan
     val = e.get("validated")
     vtxt = "-" if not val else ("selected" if val.get("selected") else "base kept") + f" ({val.get('reason', '')})"
+    def cell(x: float, spec: str, width: int) -> str:  # tuned "base" entries have no lp / cpe: a dash
+        return f"{x:{spec}}" if math.isfinite(x) else f"{'—':>{width}}"
+
     return (f"{e['solver']:<10} {e['steps']:>5} {e['base']:<15} {str(e.get('objective', '?')):<9} "
-            f"{num['lp']:>6.3g} {b:>12.6g} {a:>12.6g} {change:>+7.2f}%  {vtxt}")
+            f"{cell(num['lp'], '>6.3g', 6)} {cell(b, '>12.6g', 12)} {cell(a, '>12.6g', 12)} "
+            f"{cell(change, '>+7.2f', 7)}{'%' if math.isfinite(change) else ' '}  {vtxt}")
 
 
 def format_report(info: Mapping[str, Any]) -> str:

@@ -304,8 +304,9 @@ def tune_cell(evaluator: FIDEvaluator, solver: str, candidates: Sequence[Candida
                        f"({-100 * d.relative:.1f}%), {settings.confidence:.0%} CI upper bound {d.ci_high:.4g} < 0 "
                        f"on {len(fcc)} fresh seeds"})
         return cand, record
+    verdict = "is above 0: worse than the base" if d.ci_low > 0 else "reaches 0"
     record["reason"] = (f"best screened candidate {cand.label} not confirmed on fresh seeds (paired diff "
-                        f"{d.mean:.4g}, {settings.confidence:.0%} CI [{d.ci_low:.4g}, {d.ci_high:.4g}] reaches 0); "
+                        f"{d.mean:.4g}, {settings.confidence:.0%} CI [{d.ci_low:.4g}, {d.ci_high:.4g}] {verdict}); "
                         "base kept")
     return base, record
 
