@@ -11,9 +11,12 @@ config (``vrg_lightning.data.DigitsDataModule``, ``SampleImagePatchesDataModule`
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from vrg_lightning.checkpoint import CheckpointMismatchError
 from vrg_lightning.module import DiffusionModule
 
 
@@ -23,4 +26,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointMismatchError as exc:  # e.g. resuming with another noise schedule: one line, no traceback
+        sys.exit(f"train.py: error: {exc}")

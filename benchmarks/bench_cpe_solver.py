@@ -1,4 +1,7 @@
-"""Time one ``cpe_solver`` evaluation plus its backward pass (what the VRG optimizer does per iteration).
+"""Time one ``cpe_solver`` evaluation plus its backward pass (what the solver-aware search pays per exact
+evaluation, :class:`vrg_lightning.optimize.surrogate.SolverObjective`) against the paper cpe: the torch formula with
+autograd, and its numpy twin with the analytic gradient (``paper (numpy)``: what the paper objective's search pays
+per evaluation).
 
 Usage: ``python benchmarks/bench_cpe_solver.py [--steps 10 50 100] [--device cpu] [--threads 1]``
 Prints a markdown table of milliseconds per call (best of several repeats, time_quadratic base, linear schedule).
@@ -9,15 +12,20 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from vrg_lightning import NoiseSchedule, make_trajectory
 from vrg_lightning.solvers import SOLVERS
-from vrg_lightning.variance import cpe_paper, cpe_solver
+from vrg_lightning.variance import cpe_paper, cpe_paper_numpy, cpe_solver
 
 
 def mse(ab: torch.Tensor) -> torch.Tensor:
     return 0.02 + 0.3 * ab**2
+
+
+def mse_np(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return 0.02 + 0.3 * ab**2, 0.6 * ab
 
 
 def time_call(fn, repeats: int = 7, inner: int = 10) -> float:
@@ -39,13 +47,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = ["paper", *SOLVERS]
+    names = ["paper (numpy)", "paper", *SOLVERS]
     print("| N | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for n in args.steps:
         base = make_trajectory(NoiseSchedule(), "time_quadratic", n).to(args.device)
-        row = []
-        for name in names:
+        rows = base.cpu().numpy()[None]
+        row = [f"{time_call(lambda: cpe_paper_numpy(rows, mse_np, grad=True)):.3f}"]  # noqa: B023
+        for name in names[1:]:
 
             def step(name: str = name, base: torch.Tensor = base) -> None:
                 ab = base.clone().requires_grad_(True)

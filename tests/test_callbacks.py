@@ -168,3 +168,26 @@ def test_checkpoints_carry_profile_and_trajectories_and_resume_keeps_statistics(
     cb3.setup(*fake(schedule=NoiseSchedule(beta_end=0.03)), "fit")
     with pytest.raises(ValueError, match="noise schedule"):
         cb3.load_state_dict(state)
+
+
+def test_optimize_on_save_false_stores_entries_at_fit_end_only(tmp_path: Path) -> None:
+    """optimize_on_save=False: the saves during training hold the profile and no entries (none stale, none computed);
+    the fit-end re-save holds the optimised entries."""
+    seen: list[tuple[int, int]] = []
+
+    class Capture(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            vrg = checkpoint.get("vrg") or {}
+            seen.append((trainer.global_step, len(vrg.get("entries", []))))
+
+    torch.manual_seed(0)
+    m = DiffusionModule(unet=TINY_UNET)
+    cb = VRGProfiler(probe_samples=64, probe_batch_size=32, steps=[4], bases=["time_uniform"], num_bins=10,
+                     optimize_on_save=False)
+    data = DataLoader(TensorDataset(torch.rand(32, 1, 16, 16) * 2 - 1), batch_size=8)
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=2)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ck, cb, Capture()], accelerator="cpu")
+    trainer.fit(m, data)
+    assert seen[0] == (2, 0) and seen[-1] == (3, 1)
+    assert len(read_vrg(torch.load(tmp_path / "last.ckpt", weights_only=True))["entries"]) == 1

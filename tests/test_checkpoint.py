@@ -82,8 +82,9 @@ def test_truncated_and_missing_files_give_clear_errors(tmp_path: Path) -> None:
     data = (tmp_path / "ok.ckpt").read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
-    for name in ("cut.ckpt", "junk.ckpt"):
-        with pytest.raises(ValueError, match="corrupt, truncated"):
+    for name, why in (("cut.ckpt", "cannot be read: the torch file is corrupt, truncated"),
+                      ("junk.ckpt", "is a text file, not a torch file")):
+        with pytest.raises(ValueError, match=f"'.*{name}' {why}"):
             load_checkpoint_file(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_vrg(tmp_path / "absent.ckpt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vrg_lightning.cli import main
-from vrg_lightning.optimize import OptimizeSettings, optimize_trajectory, trust_bounds
+from vrg_lightning.optimize import OptimizeSettings, optimize_trajectory, schedule_range, trust_bounds
 from vrg_lightning.profile import ErrorProfile, save_profile
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.trajectories import load_trajectory, make_trajectory, save_trajectory
@@ -54,7 +54,7 @@ def test_json_output_matches_the_library(files: dict, capsys: pytest.CaptureFixt
     assert res["settings"]["mse_mode"] == "paper"  # default for an MSE table
     assert res["cpe_after"] < res["cpe_before"] and res["seconds"] >= 0
     base = make_trajectory(SCHED, "time_quadratic", 8)
-    s = OptimizeSettings(lp=0.05, reg_lambda=10.0, mse_mode="paper")
+    s = OptimizeSettings(lp=0.05, reg_lambda=10.0, mse_mode="paper", alpha_bar_range=schedule_range(SCHED))
     from vrg_lightning.profile import load_profile
 
     lib = optimize_trajectory(base, load_profile(files["table"]).mse_function("paper"), s)
@@ -102,7 +102,7 @@ def test_never_overwrites_inputs(files: dict, capsys: pytest.CaptureFixture) -> 
     before = files["base"].read_text()
     assert main(["optimize", "--profile", str(files["table"]), "--trajectory", str(files["base"]),
                  "--out", str(files["base"])]) == 2
-    assert "never overwritten" in capsys.readouterr().err
+    assert "never overwrites its inputs" in capsys.readouterr().err
     assert files["base"].read_text() == before
 
 
@@ -121,3 +121,13 @@ def test_console_script_end_to_end(files: dict) -> None:
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert len(res["alpha_bar"]) == 4 and res["cpe_after"] <= res["cpe_before"]
+
+
+def test_steps_stay_in_the_trained_range_unless_extrapolation_is_asked(files: dict, capsys) -> None:
+    lo, hi = schedule_range(SCHED)
+    argv = ("--profile", str(files["table"]), "--base", "logSNR", "--steps", "6", "--lp", "0.3", "--reg-lambda", "0")
+    res = run_json(capsys, *argv)
+    assert res["settings"]["alpha_bar_range"] == [lo, hi]
+    assert all(lo <= a <= hi for a in res["alpha_bar"])
+    free = run_json(capsys, *argv, "--extrapolate")
+    assert free["settings"]["alpha_bar_range"] is None and free["loss"] <= res["loss"]

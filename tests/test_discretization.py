@@ -3,6 +3,7 @@ exact ε is known), damping, and the cpe + disc optimizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -149,3 +150,20 @@ def test_disc_result_dict_keeps_the_stored_keys(setup) -> None:
                        "loss_before", "loss", "seconds", "disc_mode", "damping"]
     assert d["alpha_bar"] == r.alpha_bar.tolist() and all(type(v) is float for v in d["base_alpha_bar"])
     assert r["loss"] == r.loss and r["disc_mode"] == "coherent" and r["damping"] is False
+
+
+@pytest.mark.parametrize("trust", ["alpha", "logsnr"])
+def test_optimize_disc_keeps_the_trained_range(setup, trust: str) -> None:
+    """With an MSE that pulls the cleanest step to ᾱ -> 1 and the noisiest below the schedule, the disc candidate
+    stays in settings.alpha_bar_range (the schedule's)."""
+    sch, _, cur = setup
+    base = make_trajectory(sch, "logSNR", 8)
+    mse = lambda a: 1e-4 + 0.6 * torch.sigmoid((torch.log(a) - torch.log1p(-a) - 2) / 2.5)  # noqa: E731
+    lo, hi = sch.alpha_bar_min, sch.alpha_bar_max
+    st = OptimizeSettings(lp=0.3, reg_lambda=0.0, trust=trust, alpha_bar_range=(lo, hi))
+    r = optimize_disc(base, mse, cur, st, mode="none")
+    assert float(r.alpha_bar[0]) <= hi and float(r.alpha_bar[-1]) >= lo * (1 - 1e-12)
+    assert r.loss <= r.loss_before
+    if trust == "alpha":  # unbounded, the cleanest step leaves the range
+        free = optimize_disc(base, mse, cur, dataclasses.replace(st, alpha_bar_range=None), mode="none")
+        assert float(free.alpha_bar[0]) > hi

@@ -1,5 +1,6 @@
-"""Stored trajectory entries: compute_entries is direct optimisation, entry for entry; the paper objective is
-optimised once for all solvers; one cache-key rule; the entry's keys and their order."""
+"""Stored trajectory entries: compute_entries is direct optimisation (in the schedule's trained range), entry for
+entry; the paper objective is optimised once for all solvers; one cache-key rule; the entry's keys and their order;
+the entry cache reuses unchanged profiles and lets rank 0 optimise for all ranks."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from vrg_lightning.optimize import (
     optimize_cached,
     optimize_trajectory,
     result_fields,
+    schedule_range,
     settings_fields,
 )
 from vrg_lightning.optimize import entries as entries_module
+from vrg_lightning.optimize.entries import EntryCache, grid_settings
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.schedule import NoiseSchedule
 from vrg_lightning.trajectories import make_trajectory
@@ -48,8 +51,13 @@ def test_entries_equal_direct_optimisation(profile: ErrorProfile) -> None:
     for e in entries:
         assert list(e) == ENTRY_KEYS
         base = make_trajectory(SCHED, e["base"], e["steps"])
-        r = optimize_trajectory(base, mse, GRID.settings(e["solver"], e["lp"], e["objective"]))
+        st = grid_settings(GRID, SCHED, e["solver"], e["lp"], e["objective"])
+        assert st.alpha_bar_range == schedule_range(SCHED) == (SCHED.alpha_bar_min, SCHED.alpha_bar_max)
+        assert st == OptimizeSettings(**{**GRID.settings(e["solver"], e["lp"], e["objective"]).to_dict(),
+                                         "alpha_bar_range": schedule_range(SCHED)})
+        r = optimize_trajectory(base, mse, st)
         assert e["alpha_bar"] == r.alpha_bar.tolist() and e["base_alpha_bar"] == base.tolist()
+        assert SCHED.alpha_bar_min <= min(e["alpha_bar"]) and max(e["alpha_bar"]) <= SCHED.alpha_bar_max
         assert (e["cpe_before"], e["cpe_after"], e["loss"]) == (r.cpe_before, r.cpe_after, r.loss)
         assert e["profile_source"] == "table:t" and e["validated"] is None
         assert (e["reg_lambda"], e["trust"], e["pin_start"], e["mse_mode"]) == (100.0, "alpha", False, "paper")
@@ -67,9 +75,12 @@ def test_paper_objective_is_optimised_once(profile: ErrorProfile, monkeypatch: p
 
     monkeypatch.setattr(entries_module, "optimize_trajectory", counting)
     entries = compute_entries(profile, SCHED, GRID)
-    # 2 bases x (paper once + solver for each of 2 solvers) = 6 optimisations for 8 entries
-    assert len(entries) == 8 and len(calls) == 6
+    # 2 bases x (paper once, shared by ddim's solver objective, the same formula + dpmpp_2m's solver objective)
+    # = 4 optimisations for 8 entries
+    assert len(entries) == 8 and len(calls) == 4
     assert sum(s.objective == "paper" for s in calls) == 2
+    ddim = [e for e in entries if e["solver"] == "ddim" and e["base"] == "logSNR"]
+    assert [e["objective"] for e in ddim] == ["paper", "solver"] and ddim[0]["alpha_bar"] == ddim[1]["alpha_bar"]
     paper = [e for e in entries if e["objective"] == "paper" and e["base"] == "logSNR"]
     assert [e["solver"] for e in paper] == ["ddim", "dpmpp_2m"] and paper[0]["alpha_bar"] == paper[1]["alpha_bar"]
     assert paper[0]["seconds"] == paper[1]["seconds"]  # the same result, recorded twice
@@ -81,6 +92,9 @@ def test_cache_key_rule() -> None:
     solver = [OptimizeSettings(objective="solver", solver=s) for s in ("ddim", "dpmpp_2m")]
     assert cache_key(ab, paper[0]) == cache_key(ab.tolist(), paper[1])  # paper: solver-independent
     assert cache_key(ab, solver[0]) != cache_key(ab, solver[1])
+    assert cache_key(ab, solver[0]) == cache_key(ab, paper[1])  # ddim's solver objective is the paper formula
+    ranged = OptimizeSettings(alpha_bar_range=(1e-4, 0.999))
+    assert cache_key(ab, ranged) != cache_key(ab, paper[0]) and hash(cache_key(ab, ranged))
     assert cache_key(ab, paper[0]) != cache_key(ab * 0.999, paper[0])  # keyed by the trajectory's values
     assert cache_key(ab, paper[0]) != cache_key(ab, OptimizeSettings(lp=0.02))
     assert cache_key(ab, paper[0]) != cache_key(ab, paper[0], "disc")
@@ -110,3 +124,63 @@ def test_entry_pieces() -> None:
 def test_bad_grid(profile: ErrorProfile) -> None:
     with pytest.raises(ValueError, match="grid must be a TrajectoryGrid; got dict"):
         compute_entries(profile, SCHED, {"steps": [4]})  # type: ignore[arg-type]
+
+
+def test_entry_cache_reuses_an_unchanged_profile_and_rank_zero_optimises(profile: ErrorProfile,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same profile (even another object) reuses the entries without optimising; a changed profile optimises
+    again; under DDP only global rank 0 optimises and every rank gets its entries through strategy.broadcast."""
+    from types import SimpleNamespace
+
+    calls: list[OptimizeSettings] = []
+
+    def counting(ab, mse, s):
+        calls.append(s)
+        return optimize_trajectory(ab, mse, s)
+
+    monkeypatch.setattr(entries_module, "optimize_trajectory", counting)
+    grid = GRID.replace(solvers=("ddim",), objectives=("paper",))
+    cache = EntryCache()
+    first, fresh = cache.entries(profile, SCHED, grid)
+    n = len(calls)
+    assert fresh and n == 2 and cache.seconds > 0
+    same = ErrorProfile.from_dict(profile.to_dict())
+    again, fresh = cache.entries(same, SCHED, grid)
+    assert again is first and not fresh and len(calls) == n and cache.seconds == 0.0
+    changed = ErrorProfile.from_dict(profile.to_dict())
+    changed.sums[4, ::2] *= 1.5  # the profile's MSE in fit mode, and its table rows in paper mode
+    changed.paper_knots = (changed.paper_knots[0], changed.paper_knots[1] * torch.linspace(1, 2, 25))
+    new, fresh = cache.entries(changed, SCHED, grid)
+    assert fresh and len(calls) == 2 * n and new[0]["cpe_before"] != first[0]["cpe_before"]
+    sent: list = []
+
+    def broadcast(obj, src=0):
+        sent.append(obj)
+        return first
+
+    strategy = SimpleNamespace(broadcast=broadcast)
+    other = EntryCache()
+    got, _ = other.entries(changed, SCHED, grid, SimpleNamespace(world_size=2, global_rank=1, strategy=strategy))
+    assert got is first and sent == [None] and len(calls) == 2 * n  # rank 1 waits for rank 0's entries
+    zero = EntryCache()
+    zero.entries(changed, SCHED, grid, SimpleNamespace(world_size=2, global_rank=0, strategy=strategy))
+    assert len(calls) == 3 * n and sent[-1] is not None and len(sent[-1]) == len(first)
+
+
+def test_tuning_candidates_keep_the_trained_range() -> None:
+    """15.5: a fit-end tuned dpmpp_2m/20/logSNR entry put steps above ᾱ(t=0); every candidate of a cell (both
+    objectives) now stays in [ᾱ(t=T-1), ᾱ(t=0)], with an MSE that pulls the cleanest step to ᾱ -> 1."""
+    from vrg_lightning.evaluation.tune import TuneSettings, make_candidates
+    from vrg_lightning.schedule import alpha_bar_to_lambda
+
+    ab = SCHED.alphas_cumprod[::10]
+    prof = ErrorProfile.from_table(ab, 0.6 * torch.sigmoid((alpha_bar_to_lambda(ab) - 2) / 2.5))
+    st = TuneSettings.from_dict({"solvers": ["dpmpp_2m"], "steps": [20], "bases": ["logSNR"], "lps": [0.01],
+                                 "objectives": ["paper", "solver"], "fix": False, "mse_mode": "paper"})
+    cands = make_candidates(SCHED, prof, "dpmpp_2m", 20, "logSNR", st)
+    assert [c.kind for c in cands] == ["base", "vrg", "vrg"]
+    for c in cands:
+        assert SCHED.alpha_bar_min <= min(c.alpha_bar) and max(c.alpha_bar) <= SCHED.alpha_bar_max, c.label
+    free = optimize_trajectory(make_trajectory(SCHED, "logSNR", 20), prof.mse_function("paper"),
+                               OptimizeSettings(mse_mode="paper"))
+    assert float(free.alpha_bar[0]) > SCHED.alpha_bar_max  # what the range prevents

@@ -88,7 +88,7 @@ def test_rounding_collision_is_an_error() -> None:
                                  dtype=torch.float64), descending=True).values
     with pytest.raises(ValueError, match="round to the same integer timestep 300"):
         export_trajectory(ab, SCHED, "timesteps")
-    with pytest.raises(ValueError, match="fmt must be one of sigmas, timesteps; got 'karras'"):
+    with pytest.raises(ValueError, match="fmt must be one of sigmas, timesteps, scheduler; got 'karras'"):
         export_trajectory(ab, SCHED, "karras")
 
 
@@ -122,3 +122,42 @@ def test_cli_on_a_tuned_entry_reports_the_paper_cpe(ckpt: Path, tmp_path: Path, 
     assert main(["export", "--ckpt", str(tuned), "--solver", "ddim", "--steps", "4", "--base", "logSNR",
                  "--format", "sigmas"]) == 0
     assert "cpe[paper] exact" in capsys.readouterr().err
+
+
+def test_scheduler_format_keeps_the_exact_values() -> None:
+    ab = torch.sigmoid(torch.logit(make_trajectory(SCHED, "logSNR", 6)) + 0.07)
+    res = export_trajectory(ab, SCHED, "scheduler", mse=_mse(), objective="solver", solver="dpmpp_2m")
+    assert res.values == ab.tolist() == res.alpha_bar_exported and res.cpe_change == 0.0
+    assert res.literal() == "alpha_bar=[" + ", ".join(map(repr, ab.tolist())) + "]"
+
+
+def test_cli_scheduler_folder(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--format scheduler --out DIR`` writes a folder that ``VRGScheduler.from_pretrained`` loads with the stored
+    trajectory (bit for bit), the checkpoint's schedule and the solver; it never replaces one without --force."""
+    from vrg_lightning import VRGScheduler
+
+    out = tmp_path / "sched"
+    args = ["export", "--ckpt", str(ckpt), "--solver", "dpmpp_2m", "--steps", "4", "--format", "scheduler"]
+    assert main([*args, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"VRGScheduler.from_pretrained({str(out)!r})"
+    assert "wrote" in captured.err and "as VRGScheduler (exact)" in captured.err and "(+0.0000%)" in captured.err
+    loaded = VRGScheduler.from_pretrained(out)
+    stored = next(e for e in read_vrg(ckpt)["entries"] if e["solver"] == "dpmpp_2m")["alpha_bar"]
+    assert loaded.config.alpha_bar == stored and loaded.config.solver == "dpmpp_2m"
+    assert loaded.schedule == NoiseSchedule.from_dict(read_vrg(ckpt)["schedule"])
+    assert loaded.config.source["base"] == "time_uniform" and loaded.config.source["trajectory"] == "vrg"
+    assert torch.equal(loaded.timesteps, VRGScheduler.from_checkpoint(ckpt, solver="dpmpp_2m", steps=4).timesteps)
+    before = (out / "scheduler_config.json").read_text()
+    assert main([*args, "--out", str(out), "--trajectory", "karras"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: " in err and "pass --force to replace it" in err
+    assert (out / "scheduler_config.json").read_text() == before
+    assert main([*args, "--out", str(out), "--trajectory", "karras", "--force", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["out"] == str(out) and d["format"] == "scheduler" and d["source"] == "base:karras"
+    assert VRGScheduler.from_pretrained(out).config.alpha_bar == make_trajectory(SCHED, "karras", 4).tolist()
+    assert main(args) == 2
+    assert "--format scheduler: needs --out DIR" in capsys.readouterr().err
+    assert main([*args[:-1], "sigmas", "--out", str(out)]) == 2
+    assert "--out is for --format scheduler" in capsys.readouterr().err

@@ -20,9 +20,12 @@ from vrg_lightning.optimize import (
     Variables,
     optimize_trajectory,
     optimize_with_profile,
+    schedule_range,
     trajectory_loss,
     trust_bounds,
 )
+from vrg_lightning.optimize.chain import grid_pass
+from vrg_lightning.optimize.problem import paper_quad
 from vrg_lightning.profile import ErrorProfile, load_profile
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.trajectories import make_trajectory
@@ -182,28 +185,84 @@ def test_fit_mode_and_profile_helper(profile: ErrorProfile) -> None:
     assert r.cpe_before == pytest.approx(float(cpe_paper(ab, profile.mse_function("fit"))), rel=1e-14)
 
 
+def torch_chain_loss(prob: SearchProblem, y: torch.Tensor, mse_fn) -> torch.Tensor:
+    """The chain loss written independently in torch: Q_i(s_{i-1}, s_i) MSE + separable part + penalty."""
+    ab = prob.vars.alpha_bar(y)
+    s = torch.sqrt((1 - ab) / ab)
+    sp = torch.cat([s.new_zeros(1), s[:-1]])
+    if prob.quad is None:
+        q = (s - sp) ** 2
+    else:
+        a, b, c, d, e, f = (torch.as_tensor(r) for r in prob.quad)
+        q = a + 2 * b * sp + 2 * c * s + d * sp**2 + 2 * e * sp * s + f * s**2
+    loss = (q * mse_fn(ab)).sum() + prob.penalty * (ab[-1] - prob.end) ** 2
+    if prob.lin is not None:
+        loss = loss + (torch.as_tensor(prob.lin) * y).sum()
+    if prob.mu:
+        loss = loss + 0.5 * prob.mu * ((y - torch.as_tensor(prob.center)) ** 2).sum()
+    return loss
+
+
 @pytest.mark.parametrize("mode", ["paper", "fit"])
 @pytest.mark.parametrize("trust", ["alpha", "logsnr"])
-def test_numpy_fast_path_equals_torch(profile: ErrorProfile, mode: str, trust: str) -> None:
-    """The search's vectorised numpy loss/gradient and its torch (autograd) path are the same function of the
-    variables, and its batched loss is the paper cpe plus the start penalty."""
+@pytest.mark.parametrize("terms", ["paper", "general"])
+def test_search_loss_equals_torch_reference(profile: ErrorProfile, mode: str, trust: str, terms: str) -> None:
+    """The search's numpy loss and analytic gradient are the torch formula (autograd): the paper cpe plus the start
+    penalty, and with general terms and separable parts; a torch-only MSE (through numpy_mse) gives the same."""
     mse_fn = profile.mse_function(mode)
     ab = make_trajectory(SCHED, "logSNR", 9)
     s = OptimizeSettings(mse_mode=mode, trust=trust)
-    fast, slow = SearchProblem(ab, mse_fn, s), SearchProblem(ab, mse_fn, s)
-    slow.np_mse = None
-    assert fast.np_mse is not None
+    fast, plain = SearchProblem(ab, mse_fn, s), SearchProblem(ab, lambda a: mse_fn(a), s)  # plain: no numpy form
     g = np.random.default_rng(0)
+    if terms == "general":
+        quad, lin = paper_quad(fast.n, 1 + g.random(fast.n)) + 0.1 * g.random((6, fast.n)), g.standard_normal(fast.n)
+        for p in (fast, plain):
+            p.quad, p.lin, p.mu, p.center = quad, lin, 0.3, p.y0 + 0.01
     ys = fast.lo + (fast.hi - fast.lo) * g.random((5, fast.n))
     for y in ys:
-        f1, g1 = fast.value_and_grad(y)
-        f2, g2 = slow.value_and_grad(y)
-        assert f1 == pytest.approx(f2, rel=1e-12)
-        np.testing.assert_allclose(g1, g2, rtol=1e-7, atol=1e-12)
-    abs_ = fast.vars.alpha_bar(torch.as_tensor(ys))
-    want = cpe_paper(abs_, mse_fn) + s.reg_lambda * (abs_[:, -1] - ab[-1]) ** 2
-    np.testing.assert_allclose(fast.losses(ys), want.numpy(), rtol=1e-12)
-    np.testing.assert_allclose(slow.losses(ys), want.numpy(), rtol=1e-12)
+        yt = torch.tensor(y, requires_grad=True)
+        want = torch_chain_loss(fast, yt, mse_fn)
+        (want_g,) = torch.autograd.grad(want, yt)
+        for p in (fast, plain):
+            f1, g1 = p.value_and_grad(y)
+            assert f1 == pytest.approx(float(want.detach()), rel=1e-12)
+            np.testing.assert_allclose(g1, want_g.numpy(), rtol=1e-7, atol=1e-12)
+    if terms == "paper":
+        abs_ = fast.vars.alpha_bar(torch.as_tensor(ys))
+        want = cpe_paper(abs_, mse_fn) + s.reg_lambda * (abs_[:, -1] - ab[-1]) ** 2
+        np.testing.assert_allclose(fast.losses(ys), want.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("trust,pin,terms", [("alpha", False, "paper"), ("alpha", True, "general"),
+                                             ("logsnr", False, "general"), ("logsnr", True, "paper")])
+def test_grid_pass_is_the_minimum_over_its_grid(mse_paper, trust: str, pin: bool, terms: str) -> None:
+    """One pass of the grid refinement returns the best allowed point of the product grid z_i + h·(-k..k):
+    exhaustive enumeration of the 5^4 combinations (the dynamic programme is exact on its grid)."""
+    import itertools
+
+    ab = make_trajectory(SCHED, "time_quadratic", 4)
+    s = OptimizeSettings(lp=0.05, mse_mode="paper", trust=trust, pin_start=pin)
+    prob = SearchProblem(ab, mse_paper, s)
+    g = np.random.default_rng(3)
+    if terms == "general":
+        prob.quad = paper_quad(prob.n, 1 + g.random(prob.n))
+        prob.lin = 0.01 * g.standard_normal(prob.n)
+    y = prob.y0 + 0.3 * (prob.hi - prob.lo) * (g.random(prob.n) - 0.5)
+    y = prob.feasible(np.clip(y, prob.lo, prob.hi))
+    h, k = 0.2 * float(np.max(prob.hi - prob.lo)) / 2, 2
+    got = grid_pass(prob, y, h, k=k)
+    best = math.inf
+    z = prob.vars.coords(y)
+    for offs in itertools.product(range(-k, k + 1), repeat=prob.n):
+        off = h * np.array(offs, dtype=np.float64)
+        if pin and offs[-1] != 0:
+            continue
+        cand = np.diff(off, prepend=0.0) + y if prob.alpha else y + off
+        ok = (cand >= prob.lo).all() and (cand <= prob.hi).all() and (not prob.alpha or (z + off < 0).all())
+        if ok:
+            best = min(best, prob.loss(cand))
+    assert got is not None and prob.loss(got) == pytest.approx(best, rel=1e-12)
+    assert prob.loss(got) <= prob.loss(y) + 1e-15
 
 
 @pytest.mark.parametrize("trust", ["alpha", "logsnr"])
@@ -314,3 +373,129 @@ def test_reference_headline_case() -> None:
     r = optimize_trajectory(ab, mse, OptimizeSettings(mse_mode="paper"))
     assert r.cpe_before == pytest.approx(0.5014, abs=1e-4)
     assert r.loss <= 0.41900
+
+
+def test_alpha_bar_range_keeps_the_cleanest_step_below_the_schedules_first_level() -> None:
+    """15.5: with an MSE shaped like the published table (large at the clean end), the published setting moves the
+    cleanest of 20 logSNR steps above ᾱ(t=0) = 0.9999; with the schedule's range it stays at or below it."""
+    ab = SCHED.alphas_cumprod[::10]
+    mse = ErrorProfile.from_table(ab, 0.6 * torch.sigmoid((alpha_bar_to_lambda(ab) - 2) / 2.5)).mse_function("paper")
+    lo, hi = schedule_range(SCHED)
+    base = make_trajectory(SCHED, "logSNR", 20)
+    free = OptimizeSettings(mse_mode="paper")
+    ranged = OptimizeSettings(mse_mode="paper", alpha_bar_range=[lo, hi])
+    assert ranged.alpha_bar_range == (lo, hi) and ranged.to_dict()["alpha_bar_range"] == [lo, hi]
+    r0, r1 = optimize_trajectory(base, mse, free), optimize_trajectory(base, mse, ranged)
+    assert float(r0.alpha_bar[0]) > hi  # the problem being solved
+    assert float(r1.alpha_bar[0]) <= hi and float(r1.alpha_bar[-1]) >= lo
+    check_valid(r1, ranged)
+    assert r0.loss <= r1.loss < r1.loss_before
+
+
+@pytest.mark.parametrize("trust", ["alpha", "logsnr"])
+def test_alpha_bar_range_keeps_the_noisiest_step_above_the_schedules_last_level(trust: str) -> None:
+    """An MSE that vanishes below ᾱ(t=T-1) pulls a free noisiest step out of the range (in ``alpha`` trust a linear
+    constraint on the variables, kept by the search); with the range it stays at or above ᾱ(t=T-1)."""
+    ab = torch.tensor([0.999, 0.5, 0.1, 5e-5, 3e-5, 1e-6], dtype=torch.float64)
+    mse = ErrorProfile.from_table(ab, torch.tensor([0.1, 0.1, 0.1, 0.1, 1e-6, 1e-6])).mse_function("paper")
+    lo, hi = schedule_range(SCHED)
+    base = torch.tensor([0.9, 0.1, 6e-5], dtype=torch.float64)
+    free = OptimizeSettings(lp=0.3, reg_lambda=0.0, mse_mode="paper", trust=trust)
+    ranged = OptimizeSettings(lp=0.3, reg_lambda=0.0, mse_mode="paper", trust=trust, alpha_bar_range=(lo, hi))
+    r0, r1 = optimize_trajectory(base, mse, free), optimize_trajectory(base, mse, ranged)
+    assert float(r0.alpha_bar[-1]) < lo  # the problem being solved
+    assert float(r1.alpha_bar[-1]) >= lo * (1 - 1e-12) and float(r1.alpha_bar[0]) <= hi
+    check_valid(r1, ranged)
+    assert r0.loss <= r1.loss < r1.loss_before
+
+
+def test_a_base_step_outside_the_range_is_not_moved_further_out(mse_paper) -> None:
+    mse = mse_paper
+    lo, hi = schedule_range(SCHED)
+    base = torch.tensor([0.99995, 0.9, 0.5, 0.1, 2e-5], dtype=torch.float64)  # both ends outside
+    s = OptimizeSettings(lp=0.3, reg_lambda=0.0, mse_mode="paper", alpha_bar_range=(lo, hi))
+    r = optimize_trajectory(base, mse, s)
+    assert float(r.alpha_bar[0]) <= 0.99995 and float(r.alpha_bar[-1]) >= 2e-5 * (1 - 1e-12)
+    lo_b, hi_b = trust_bounds(base, s)
+    assert hi_b[0] == pytest.approx(0.99995)  # clipped at the base's own value, not at hi
+
+
+@pytest.mark.parametrize("kwargs,word", [({"alpha_bar_range": (0.5, 0.1)}, "alpha_bar_range"),
+                                         ({"alpha_bar_range": (0.0, 0.9)}, "alpha_bar_range"),
+                                         ({"alpha_bar_range": 0.9}, "alpha_bar_range")])
+def test_bad_range(kwargs: dict, word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        OptimizeSettings(**kwargs)
+
+
+@pytest.mark.parametrize("trust", ["alpha", "logsnr"])
+def test_steps_the_trust_region_cannot_keep_distinct_are_refused_at_once(mse_paper, trust: str) -> None:
+    import time
+
+    base = torch.tensor([0.9, 0.5, 0.5 * (1 - 1e-14), 0.1], dtype=torch.float64)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"alpha_bar steps 1 and 2 .* too close"):
+        optimize_trajectory(base, mse_paper, OptimizeSettings(trust=trust, mse_mode="paper"))
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_no_input_makes_the_optimizer_run_for_minutes(mse_paper) -> None:
+    """The largest trajectory a 1000-step schedule holds (1000 steps) optimises in seconds, paper objective."""
+    import time
+
+    base = make_trajectory(SCHED, "logSNR", 1000)
+    t0 = time.perf_counter()
+    r = optimize_trajectory(base, mse_paper, OptimizeSettings(mse_mode="paper", alpha_bar_range=schedule_range(SCHED)))
+    assert time.perf_counter() - t0 < 60 and r.loss <= r.loss_before
+
+
+def _pgd(fun, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int) -> float:
+    """Projected subgradient descent with diminishing steps scaled by the box widths: the best value seen."""
+    width = np.maximum(hi - lo, 1e-300)
+    y, best = np.clip(y, lo, hi), math.inf
+    for k in range(1, iters + 1):
+        f, g = fun(y)
+        best = min(best, f)
+        gs = g * width
+        norm = float(np.abs(gs).max())
+        if not norm > 0:
+            break
+        y = np.clip(y - (0.3 / math.sqrt(k)) * width * gs / norm, lo, hi)
+    return min(best, fun(y)[0])
+
+
+def table_like_profile() -> ErrorProfile:
+    """An MSE table shaped like the published CIFAR-10 one (large at the clean end, falling over five decades)."""
+    ab = SCHED.alphas_cumprod[::10]
+    return ErrorProfile.from_table(ab, 0.6 * torch.sigmoid((alpha_bar_to_lambda(ab) - 2) / 1.2))
+
+
+@pytest.mark.parametrize("solver", ["dpmsolver2", "dpmsolver3", "dpmpp_2m", "deis", "plms", "pndm"])
+@pytest.mark.parametrize("mode", ["paper", "fit"])
+def test_solver_objective_never_worse_than_slow_searches(solver: str, mode: str) -> None:
+    """For every solver whose solver-aware cpe is not the paper formula: the optimizer's loss is at most that of
+    independent slow searches (projected subgradient on cpe_solver by autograd from the base, two random points and
+    the paper optimum), which come within 5% of it (so they mean something)."""
+    mse_paper = table_like_profile().mse_function(mode)
+    base = make_trajectory(SCHED, "logSNR", 6)
+    s = OptimizeSettings(lp=0.05, mse_mode=mode, objective="solver", solver=solver)
+    r = optimize_trajectory(base, mse_paper, s)
+    prob = SearchProblem(base, mse_paper, s)
+
+    def fun(y: np.ndarray) -> tuple[float, np.ndarray]:
+        yt = torch.tensor(y, requires_grad=True)
+        ab = prob.vars.alpha_bar(yt)
+        if not bool((ab[1:] < ab[:-1]).all()):
+            return math.inf, np.zeros_like(y)
+        loss = cpe_solver(ab, mse_paper, solver) + s.reg_lambda * (ab[-1] - base[-1]) ** 2
+        (g,) = torch.autograd.grad(loss, yt)
+        return float(loss.detach()), g.numpy()
+
+    paper = optimize_trajectory(base, mse_paper, OptimizeSettings(lp=0.05, mse_mode=mode))
+    rng = np.random.default_rng(0)
+    starts = [prob.y0, prob.vars.from_alpha_bar(paper.alpha_bar)] + [
+        prob.lo + (prob.hi - prob.lo) * rng.random(prob.n) for _ in range(2)]
+    best = min(_pgd(fun, y, prob.lo, prob.hi, 200) for y in starts)
+    assert r.loss <= best * (1 + 1e-9), (r.loss, best)
+    assert r.loss >= best * (1 - 0.05)
+    assert r.cpe_after == pytest.approx(float(cpe_solver(r.alpha_bar, mse_paper, solver)), rel=1e-12)

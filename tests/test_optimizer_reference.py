@@ -1,10 +1,14 @@
-"""The optimizer's figures on the 18 published reference trajectories stay what they were.
+"""The optimizer never does worse than it did on the 18 published reference trajectories.
 
 ``tests/data/optimizer_reference_losses.json`` holds the final loss, cpe and trajectory of
 ``optimize_trajectory`` on every reference trajectory (10-100 steps x time_uniform, time_quadratic, logSNR;
-published CIFAR-10 MSE table, ``mse_mode="paper"``, paper objective, lp 0.01, λ 100), recorded with the optimizer as
-it was before the optimizer package was split (commit and command in the file). Regenerate (only when a change of
-results is intended) with::
+published CIFAR-10 MSE table, ``mse_mode="paper"``, paper objective, lp 0.01, λ 100) and on six other settings,
+recorded with the optimizer as it was before the optimizer package was split (commit and command in the file; that
+optimizer took 0.04-1.4 s a case). The current optimizer (a faster search) must reach a loss that is equal or lower
+(at most 1e-9 relative above the recorded one), from the same base (the losses before are bit-identical), with a
+valid trajectory in the trust region whose loss is what it reports; where it reaches the recorded optimum (not a
+better one) its trajectory is the recorded one to 1e-4 in log ᾱ. Regenerate (only when a change of results is
+intended) with::
 
     OMP_NUM_THREADS=1 python tests/test_optimizer_reference.py --record
 """
@@ -16,12 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import REF
 
-from vrg_lightning.optimize import OptimizeSettings, optimize_trajectory
+from vrg_lightning.optimize import OptimizeSettings, optimize_trajectory, trajectory_loss, trust_bounds
 from vrg_lightning.profile import load_profile
+from vrg_lightning.schedule import alpha_bar_to_lambda
 from vrg_lightning.trajectories import load_trajectory
 
 DATA = Path(__file__).with_name("data") / "optimizer_reference_losses.json"
@@ -79,23 +85,34 @@ needs_reference = pytest.mark.skipif(not TABLE.is_file(), reason="reference data
 
 
 def _check(base: str, steps: int, variant: str) -> None:
-    """Bit-identical: the same loss, cpe, trajectory values and work (rounds, loss evaluations) as the recorded
-    (pre-refactor) optimizer."""
+    """Never worse than recorded: the same losses before, a loss at most 1e-9 relative above the recorded one, a
+    valid trajectory in the trust region with the reported loss, and the recorded trajectory where the optimum is the
+    recorded one."""
     old, new = _recorded()[(base, steps, variant)], run_case(base, steps, variant)
-    for k in FIELDS:
-        assert new[k] == old[k], (k, new[k], old[k])
-    assert new["alpha_bar"] == old["alpha_bar"]
+    assert (new["cpe_before"], new["loss_before"]) == (old["cpe_before"], old["loss_before"])
+    assert new["loss"] <= old["loss"] * (1 + 1e-9), (new["loss"], old["loss"])
+    s = OptimizeSettings(**VARIANTS.get(variant, {"mse_mode": "paper"}))
+    base_ab = load_trajectory(REF / "trajectories" / f"dpm_alphaBar_1-{steps:03d}-{base}.txt")
+    ab = torch.tensor(new["alpha_bar"], dtype=torch.float64)
+    assert bool((ab[1:] < ab[:-1]).all()) and bool(((ab > 0) & (ab < 1)).all())
+    lo, hi = trust_bounds(base_ab, s)
+    x = (ab / torch.cat([ab.new_ones(1), ab[:-1]])).numpy() if s.trust == "alpha" else alpha_bar_to_lambda(ab).numpy()
+    assert (x >= lo - 1e-12 * np.abs(x)).all() and (x <= hi + 1e-12 * np.abs(x)).all()
+    cpe, loss = trajectory_loss(ab, base_ab, load_profile(TABLE).mse_function(s.mse_mode), s)
+    assert (cpe, loss) == pytest.approx((new["cpe_after"], new["loss"]), rel=1e-13)
+    if new["loss"] >= old["loss"] * (1 - 1e-9):  # the recorded optimum: the recorded point
+        assert np.max(np.abs(np.log(new["alpha_bar"]) - np.log(old["alpha_bar"]))) <= 1e-4
 
 
 @needs_reference
 @pytest.mark.parametrize("base,steps", CASES)
-def test_reference_figures_unchanged(base: str, steps: int) -> None:
+def test_reference_figures_never_worse(base: str, steps: int) -> None:
     _check(base, steps, "")
 
 
 @needs_reference
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_other_settings_unchanged(variant: str) -> None:
+def test_other_settings_never_worse(variant: str) -> None:
     _check("time_quadratic", 10, variant)
 
 

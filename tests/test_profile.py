@@ -159,19 +159,22 @@ def test_paper_mode_is_the_reference_interpolation() -> None:
                                rtol=1e-12, atol=1e-15)
 
 
-def test_duplicate_rows_are_merged() -> None:
+def test_duplicate_rows_are_merged_when_they_agree_and_refused_when_they_conflict() -> None:
     ab = torch.tensor([0.9, 0.5, 0.5, 0.1], dtype=torch.float64)
-    mse = torch.tensor([0.3, 0.2, 0.1, 0.05], dtype=torch.float64)
+    mse = torch.tensor([0.3, 0.2, 0.198, 0.05], dtype=torch.float64)  # one alpha_bar printed twice (rounding)
     p = ErrorProfile.from_table(ab, mse)
     assert p.num_bins == 3
-    assert float(p.mse[torch.argmin((p.alpha_bar - 0.5).abs())]) == pytest.approx(0.15)
+    assert float(p.mse[torch.argmin((p.alpha_bar - 0.5).abs())]) == pytest.approx(0.199)
     assert bool(torch.isfinite(p.mse_function("paper")(torch.tensor([0.5, 0.5 + 1e-12]).double())).all())
+    with pytest.raises(ValueError, match=r"alpha_bar=0.5 with conflicting MSE \(0.1 and 0.2\)"):
+        ErrorProfile.from_table(ab, torch.tensor([0.3, 0.2, 0.1, 0.05], dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
     "ab,mse,word",
     [([0.9, 0.5], [0.1, math.nan], "finite"), ([0.9, 0.5], [0.1, -0.2], "non-negative"),
-     ([0.9, 1.5], [0.1, 0.2], r"\[0, 1\)"), ([0.0], [0.0], "no row")],
+     ([0.9, 1.5], [0.1, 0.2], r"\[0, 1\)"), ([0.0], [0.0], "no row"),
+     ([0.0, 0.5], [0.0, 0.1], "2 or more noise levels")],
 )
 def test_bad_tables(ab: list, mse: list, word: str) -> None:
     with pytest.raises(ValueError, match=word):

@@ -66,3 +66,21 @@ def test_inspect_report_of_a_checkpoint(sampling_files: dict[str, Path], tmp_pat
     (tmp_path / "cut.ckpt").write_bytes((sampling_files["ckpt"]).read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt, truncated"):
         inspect_checkpoint(tmp_path / "cut.ckpt")
+
+
+def test_inspect_names_a_spec_model_and_a_lightning_class(tmp_path) -> None:
+    from vrg_lightning.checkpoint import build_vrg_state
+    from vrg_lightning.profile import ErrorProfile
+    from vrg_lightning.schedule import NoiseSchedule
+
+    sched = NoiseSchedule()
+    ab = sched.alphas_cumprod[::100]
+    prof = ErrorProfile.from_table(ab, 0.1 + ab)
+    spec = {"spec": "nets/mlp.py:make", "sample_shape": [8], "prediction_type": "epsilon", "num_classes": None}
+    torch.save(build_vrg_state(sched, prof, [], model=spec), tmp_path / "p.pt")
+    info = report.inspect_checkpoint(tmp_path / "p.pt")
+    assert info["model"] == {"kind": "spec", **spec}
+    assert "--model nets/mlp.py:make" in report.format_report(info) and "UNet2DModel" not in report.format_report(info)
+    lit = build_vrg_state(sched, prof, [], extra={"module": {"class_path": "pkg.m:Lit", "sample_shape": [2]}})
+    torch.save({"vrg": lit}, tmp_path / "l.ckpt")
+    assert "LightningModule pkg.m:Lit" in report.format_report(report.inspect_checkpoint(tmp_path / "l.ckpt"))

@@ -55,3 +55,16 @@ def test_callback_stores_its_grid_and_defaults_come_from_the_dataclass() -> None
     assert VRGProfiler().grid == TrajectoryGrid()
     cb = VRGProfiler(solvers=["dpmpp_2m"], lps=[0.1], reg_lambda=1e4)
     assert cb.grid == TrajectoryGrid(solvers=("dpmpp_2m",), lps=(0.1,), reg_lambda=1e4)
+
+
+def test_optimize_settings_alpha_bar_range_round_trips_and_is_no_grid_field() -> None:
+    """The schedule's trained range belongs to one optimisation (the grid is schedule-free): stored as a list,
+    read back as a tuple, validated with the value in the message."""
+    import json
+
+    s = OptimizeSettings(alpha_bar_range=[4e-5, 0.9999])
+    assert s.alpha_bar_range == (4e-5, 0.9999) and s.to_dict()["alpha_bar_range"] == [4e-5, 0.9999]
+    assert OptimizeSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert OptimizeSettings().alpha_bar_range is None and "alpha_bar_range" not in TrajectoryGrid().to_dict()
+    with pytest.raises(ValueError, match=r"alpha_bar_range .* got \(0.9, 0.1\)"):
+        OptimizeSettings(alpha_bar_range=(0.9, 0.1))

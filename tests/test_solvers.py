@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from vrg_lightning.solvers import SOLVERS, num_evaluations, sample, solver_options
+from vrg_lightning.solvers import SOLVERS, SolverRun, num_evaluations, sample, solver_options
 
 D = 6
 _gen = torch.Generator().manual_seed(0)
@@ -303,3 +303,67 @@ def test_num_evaluations() -> None:
         num_evaluations("ddim", 0)
     with pytest.raises(ValueError, match="Unknown solver"):
         solver_options("heun")
+
+
+# --- one implementation, driven two ways ---------------------------------------------------------------------------
+# sha256 (first 16 hex digits) of the float64 results, the gradients in alpha_bar and the float32 results of
+# ``_digest`` below, computed with the implementation before the solvers became generators (commit 70b5c03, where
+# ``sample`` called each solver with a model object): the generator form must give the same bits. The test model uses
+# only correctly rounded operations (+, -, *, /, sqrt); the solvers' own λ = -log σ is torch's float64 log.
+BEFORE_GENERATORS = {
+    "ddim": "847b25832f743609",
+    "dpmsolver1": "847b25832f743609",
+    "dpmsolver2": "2f35c2cefd7dfe0b",
+    "dpmsolver3": "db5aef0f5c416585",
+    "dpmpp_2m": "438d50d8bef474c0",
+    "pndm": "19d5518f11f6fb98",
+    "plms": "c929733bd19cdefc",
+    "deis": "5e50478c564259e2",
+}
+
+
+def _rational_model(x: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    ab = ab.to(x.dtype)
+    return x * (1 - ab).sqrt() / (0.25 * ab + 1 - ab) + 0.2 * x * x / (1 + x * x) + 0.1 * ab
+
+
+def _digest(solver: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    x = torch.tensor([[0.3, -1.2, 2.0], [1.1, 0.0, -0.7]], dtype=torch.float64)
+    for n, final, lof in ((12, 1.0, False), (7, 1.0, False), (10, 0.9999, False), (9, 1.0, True)):
+        opts = {"lower_order_final": False} if lof and "lower_order_final" in solver_options(solver) else {}
+        ab = torch.linspace(0.9995, 0.004, n, dtype=torch.float64).requires_grad_(True)
+        y = sample(solver, _rational_model, x, ab, final_alpha_bar=final, **opts)
+        (g,) = torch.autograd.grad(y.sum(), ab)
+        y32 = sample(solver, _rational_model, x.float(), ab.detach(), final_alpha_bar=final, **opts)
+        for t in (y.detach(), g, y32):
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_results_are_bit_identical_to_before_the_generator_form(solver: str) -> None:
+    assert _digest(solver) == BEFORE_GENERATORS[solver]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solver_run_is_sample_one_evaluation_at_a_time(solver: str) -> None:
+    """Driving :class:`SolverRun` by hand gives ``sample``'s model inputs, levels and result, bit for bit."""
+    ab = torch.linspace(0.99, 0.05, 6, dtype=torch.float64)
+    seen: list[dict] = []
+    ref = sample(solver, model, X0, ab, callback=seen.append)
+    run = SolverRun(solver, ab)
+    assert run.num_evaluations == num_evaluations(solver, 6) and run.alpha_bar is None
+    x = run.start(X0)
+    for d in seen:
+        assert not run.done and torch.equal(x, d["x"]) and torch.equal(run.alpha_bar, d["alpha_bar"])
+        x = run.send(model(x, run.alpha_bar))
+    assert run.done and run.index == len(seen) and torch.equal(x, ref)
+    with pytest.raises(ValueError, match="SolverRun.send needs a pending evaluation; the run is done"):
+        run.send(x)
+    with pytest.raises(ValueError, match="SolverRun.start was already called"):
+        run.start(X0)
+    with pytest.raises(ValueError, match="call start"):
+        SolverRun(solver, ab).send(X0)

@@ -104,7 +104,7 @@ def test_profile_writes_a_new_file_and_never_touches_the_input(trained: Path, tm
     assert main(argv) == 2 and "exists" in capsys.readouterr().err
     assert main(argv + ["--force"]) == 0
     assert main(["profile", "--ckpt", str(trained), "--data", "digits", "--out", str(trained), "--force"]) == 2
-    assert "never modifies its input" in capsys.readouterr().err
+    assert "never overwrites its inputs" in capsys.readouterr().err
     assert main(["profile", "--ckpt", str(trained), "--data", "patches", "--out", str(tmp_path / "p.ckpt")]) == 2
     assert "shape" in capsys.readouterr().err
 

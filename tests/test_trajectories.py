@@ -25,7 +25,7 @@ GENERATED = [b for b in BASES if b != "list"]
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_any_base_and_size_is_a_valid_trajectory(base: str, steps: int, sched: int, dtype: torch.dtype) -> None:
     s = SCHEDULES[sched]
-    if base in ("trailing", "leading") and steps > s.num_train_timesteps:
+    if steps > s.num_train_timesteps:
         with pytest.raises(ValueError, match="steps"):
             make_trajectory(s, base, steps)
         return
@@ -36,6 +36,26 @@ def test_any_base_and_size_is_a_valid_trajectory(base: str, steps: int, sched: i
     if base in ("time_uniform", "time_quadratic", "logSNR", "karras", "trailing"):
         assert float(ab[-1]) == pytest.approx(s.alpha_bar_min, rel=1e-4)
     torch.testing.assert_close(validate_trajectory(ab), ab)
+    # every base lies in the schedule's trained range [alpha_bar(t=T-1), alpha_bar(t=0)] (float32 arithmetic: 1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert s.alpha_bar_min * (1 - tol) <= float(ab[-1]) and float(ab[0]) <= s.alpha_bar_max * (1 + tol)
+
+
+@pytest.mark.parametrize("base", GENERATED)
+def test_more_steps_than_training_timesteps_is_refused_at_once(base: str) -> None:
+    """A discrete schedule of T timesteps holds at most T steps: T + 1 is a clear error naming the value and the
+    limit, raised before any work; T itself is a valid trajectory."""
+    import time
+
+    s = NoiseSchedule(num_train_timesteps=50)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"steps=51 is more than the schedule can hold.*steps <= 50"):
+        make_trajectory(s, base, 51)
+    with pytest.raises(ValueError, match="steps=1001"):
+        make_trajectory(NoiseSchedule(), base, 1001)
+    assert time.perf_counter() - t0 < 1.0
+    ab = make_trajectory(s, base, 50)
+    assert ab.numel() == 50 and bool((ab[1:] < ab[:-1]).all())
 
 
 REF_FILES = sorted(REF.glob("dpm_alphaBar_1-*.txt")) if REF.is_dir() else []

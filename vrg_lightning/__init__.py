@@ -40,6 +40,7 @@ _PUBLIC = {
     "select_entry": "checkpoint",
     "generate": "sampling",
     "export_trajectory": "export",
+    "VRGScheduler": "scheduler",
 }
 _EARLIER = {  # importable as before, not part of the listed API
     "BASES": "trajectories",
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .profile import ErrorProfile, load_profile  # noqa: F401
     from .sampling import generate  # noqa: F401
     from .schedule import NoiseSchedule  # noqa: F401
+    from .scheduler import VRGScheduler  # noqa: F401
     from .solvers import sample  # noqa: F401
     from .trajectories import load_trajectory, make_trajectory, save_trajectory  # noqa: F401
     from .variance import cpe  # noqa: F401

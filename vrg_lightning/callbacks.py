@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from .checkpoint import VRG_KEY, build_vrg_state, check_same_schedule
-from .optimize.entries import compute_entries
+from .optimize.entries import EntryCache
 from .optimize.settings import TrajectoryGrid
 from .probe import PROBE_BATCH, PROBE_BINS, PROBE_SAMPLES, probe_profile
 from .profile import ErrorProfile
@@ -47,7 +47,9 @@ class VRGProfiler(Callback):
         solvers, steps, bases, lps, objectives, reg_lambda, trust, mse_mode, pin_start: the trajectories to
             optimise, the fields of :class:`~vrg_lightning.optimize.TrajectoryGrid` (``None``: its default; an
             empty ``steps`` stores the profile only).
-        optimize_on_save: optimise at every checkpoint save (else only at fit end).
+        optimize_on_save: optimise at every checkpoint save (else only at fit end: earlier checkpoints then hold the
+            profile and no entries). A save whose profile did not change reuses the entries; under DDP global rank 0
+            optimises and broadcasts (:class:`~vrg_lightning.optimize.entries.EntryCache`).
         log_every_n_epochs: log MSE/Gaussianity figures of the free profile every k epochs (0: never).
         resave_last: at fit end, re-save ``ModelCheckpoint.last_model_path`` with the fit-end profile and entries.
         name: distinguishes several instances in a checkpoint (``state_key``).
@@ -90,7 +92,7 @@ class VRGProfiler(Callback):
         self.running: ErrorProfile | None = None  # this rank's free-mode sums (on the model's device)
         self.skipped: Tensor = torch.zeros((), dtype=torch.float64)  # this rank's skipped samples
         self.probe: ErrorProfile | None = None
-        self.probe_step, self.entries, self._entries_key = -1, [], None
+        self.probe_step, self.entries, self._entry_cache = -1, [], EntryCache()
         self._tune_extra: dict[str, Any] = {}
         self._warned, self._fit_ended = False, False
         self._trainer: Trainer | None = None
@@ -151,7 +153,6 @@ class VRGProfiler(Callback):
                 "nonfinite_skipped": skipped}
         return ErrorProfile(self.running.lambda_edges.cpu(), sums=sums, source="free", meta=meta)
 
-    # --- probe mode -----------------------------------------------------------------------------------------------
     def _probe_dataset(self, trainer: Trainer) -> Dataset:
         ds = self.probe_dataset or getattr(getattr(trainer, "datamodule", None), "train_set", None) \
             or getattr(trainer.train_dataloader, "dataset", None)
@@ -181,12 +182,11 @@ class VRGProfiler(Callback):
         return free
 
     def _entries(self, profile: ErrorProfile, trainer: Trainer) -> list[dict[str, Any]]:
-        key = (profile.source, trainer.global_step, float(profile.count.sum()))
-        if key != self._entries_key:
-            self.entries = compute_entries(profile, self.schedule, self.grid) if self.grid.steps else []
-            self._entries_key = key
-            if trainer.logger is not None and self.entries:
-                trainer.logger.log_metrics(cpe_metrics(self.entries), step=trainer.global_step)
+        entries, fresh = self._entry_cache.entries(profile, self.schedule, self.grid, trainer)
+        if fresh:  # a new profile: new entries (else keep these, which fit-end tuning may have validated)
+            self.entries = entries
+            if trainer.logger is not None and entries:
+                trainer.logger.log_metrics(cpe_metrics(entries), step=trainer.global_step)
         return self.entries
 
     def vrg_state(self, trainer: Trainer, pl_module: LightningModule, optimize: bool = True) -> dict[str, Any] | None:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
-
+from .io import FORMAT_VERSIONS, check_format, load_torch_file
 from .profile import ErrorProfile
 from .schedule import NoiseSchedule
 
@@ -36,11 +33,12 @@ __all__ = [
     "matching_entries",
     "describe_entry",
     "check_same_schedule",
+    "CheckpointMismatchError",
 ]
 
 VRG_KEY = "vrg"
 VRG_FORMAT = "vrg-lightning"
-VRG_VERSION = 1
+VRG_VERSION = FORMAT_VERSIONS[VRG_FORMAT]
 HOW_TO_CREATE = (
     "train with the VRGProfiler callback (e.g. `python train.py fit --config configs/digits.yaml`) "
     "or measure a trained model with `vrg profile --ckpt CKPT --data digits --out NEW.ckpt`"
@@ -95,19 +93,21 @@ def model_section(denoiser_config: Mapping[str, Any], weights: str = "model.",
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with clear errors for missing, corrupt or truncated files."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(p)!r} does not exist.")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling/zip failure means the same thing to the user
-        raise ValueError(
-            f"Could not read {str(p)!r} as a checkpoint (corrupt, truncated, or not a torch file): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+    """``torch.load(path, weights_only=True)`` (:func:`vrg_lightning.io.load_torch_file`) of a checkpoint dict whose
+    ``vrg`` section, if any, has a format and version this toolkit reads.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: missing, empty, truncated or corrupt, not a torch file, not a dict, or a ``vrg`` section of
+            another format or a newer version (the message names the file).
+    """
+    obj = load_torch_file(path, "Checkpoint")
+    name = str(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{str(p)!r} holds a {type(obj).__name__}, not a checkpoint dict.")
+        raise ValueError(f"{name!r} holds a {type(obj).__name__}, not a checkpoint dict.")
+    vrg = obj if obj.get("format") == VRG_FORMAT else obj.get(VRG_KEY)
+    if isinstance(vrg, Mapping):
+        check_format(vrg, VRG_FORMAT, f"{name} (vrg section)", required=False)
     return obj
 
 
@@ -133,14 +133,7 @@ def read_vrg(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, A
     if vrg is None:
         raise ValueError(f"{name} has no '{VRG_KEY}' section (no error profile, no VRG trajectories). "
                          f"To create them, {HOW_TO_CREATE}.")
-    if vrg.get("format") != VRG_FORMAT:
-        raise ValueError(f"{name}: vrg.format is {vrg.get('format')!r}, expected {VRG_FORMAT!r}.")
-    version = vrg.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"{name}: vrg.version must be a positive integer; got {version!r}.")
-    if version > VRG_VERSION:
-        raise ValueError(f"{name}: vrg.version {version} is newer than this toolkit reads ({VRG_VERSION}); upgrade "
-                         "vrg-lightning.")
+    check_format(vrg, VRG_FORMAT, f"{name} (vrg section)")
     missing = [k for k in ("schedule", "profile", "entries") if k not in vrg]
     if missing:
         raise ValueError(f"{name} holds a model but no VRG statistics (missing vrg.{', vrg.'.join(missing)}). "
@@ -152,6 +145,11 @@ def read_vrg(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, A
         if lacks:
             raise ValueError(f"{name}: vrg.entries[{i}] lacks {lacks}.")
     return dict(vrg)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the run loading it (e.g. a model trained with another noise schedule); entry
+    points report it as one line (``train.py`` catches it)."""
 
 
 def check_same_schedule(stored: Mapping[str, Any], schedule: NoiseSchedule, what: str = "checkpoint") -> None:
@@ -167,49 +165,22 @@ def check_same_schedule(stored: Mapping[str, Any], schedule: NoiseSchedule, what
 
 
 def load_denoiser(path: str | os.PathLike | Mapping[str, Any], use_ema: bool = True):
-    """Rebuild the trained :class:`~vrg_lightning.denoiser.Denoiser` of a checkpoint (``weights_only=True``).
+    """Rebuild the trained model of a checkpoint (``weights_only=True``): :func:`vrg_lightning.models.load_model`
+    with nothing but the checkpoint (a model SPEC or a diffusers folder are given to ``load_model``).
 
     Args:
-        path: a Lightning checkpoint of ``DiffusionModule`` (or a file written by ``vrg profile --ckpt``), or
-            an already loaded checkpoint dict.
+        path: a Lightning checkpoint of ``DiffusionModule`` (or a file written by ``vrg profile --ckpt``), of a
+            LightningModule following the VRG protocol whose class path it records, or a loaded checkpoint dict.
         use_ema: load the EMA weights when the checkpoint has them (a warning falls back to the raw weights).
 
     Returns:
         ``(denoiser, vrg)``: the model in eval mode on CPU, and the validated ``vrg`` section or ``None`` when
         the checkpoint holds no profile/trajectories yet.
     """
-    from .denoiser import Denoiser
+    from .models import load_model
 
-    name = str(path) if isinstance(path, (str, os.PathLike)) else "the checkpoint"
-    ckpt = load_checkpoint_file(path) if isinstance(path, (str, os.PathLike)) else dict(path)
-    vrg = ckpt.get(VRG_KEY)
-    model = vrg.get("model") if isinstance(vrg, Mapping) else None
-    if not isinstance(model, Mapping) or "denoiser" not in model:
-        raise ValueError(f"{name} holds no vrg.model section (no denoiser config): it was not written by "
-                         "vrg_lightning.module.DiffusionModule or `vrg profile --ckpt`.")
-    state = ckpt.get("state_dict")
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{name} has no state_dict (model weights); a profile-only file cannot be sampled from.")
-    prefix = str(model.get("weights", "model."))
-    ema_prefix = model.get("ema_weights")
-    if use_ema:
-        if ema_prefix and any(k.startswith(str(ema_prefix)) for k in state):
-            prefix = str(ema_prefix)
-        else:
-            warnings.warn(f"{name} has no EMA weights; using the raw training weights.", stacklevel=2)
-    denoiser = Denoiser.from_config(model["denoiser"])
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        denoiser.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{name}: the weights under {prefix!r} do not fit the stored denoiser config: "
-                         f"{str(exc).splitlines()[0]}") from exc
-    denoiser.eval().requires_grad_(False)
-    try:
-        info = read_vrg(vrg)
-    except ValueError:
-        info = None
-    return denoiser, info
+    loaded = load_model(path, use_ema=use_ema)
+    return loaded.denoiser, loaded.vrg
 
 
 def describe_entry(e: Mapping[str, Any]) -> str:

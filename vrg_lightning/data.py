@@ -8,9 +8,12 @@ name                source                                                      
 ``patches``         random 16×16 RGB patches of scikit-learn's two sample photos          yes
 ``folder:PATH``     any directory of images (recursive; class = first sub-folder)         yes
 ``cifar10``         torchvision CIFAR-10 (downloads only with ``download=True``)          no
+``FILE.pt``         a tensor ``[N, ...]`` of samples in model space, any shape           yes
 ==================  ===================================================================  ==========
 
-:func:`load_real_images` returns a dataset's images as one tensor, e.g. for FID reference statistics.
+:func:`load_real_images` returns a dataset's images as one tensor, e.g. for FID reference statistics;
+:func:`load_samples_file` reads a ``.pt`` file of samples (a tensor, or a dict with ``samples``/``images`` and
+optional ``labels``).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ __all__ = [
     "ImageFolderDataset",
     "load_dataset",
     "load_real_images",
+    "load_samples_file",
     "DATASET_NAMES",
 ]
 
-DATASET_NAMES = ("digits", "patches", "cifar10", "folder:PATH")
+DATASET_NAMES = ("digits", "patches", "cifar10", "folder:PATH", "FILE.pt")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -165,9 +169,37 @@ class _CIFAR(Dataset):
         return self.x[i].float() / 127.5 - 1, self.y[i]
 
 
+def load_samples_file(path: str | os.PathLike, what: str = "data") -> tuple[Tensor, Tensor | None]:
+    """``(samples [N, ...] float32, labels [N] or None)`` of a ``.pt`` file (``weights_only=True``): a tensor, or a
+    dict with ``samples`` (or ``images``) and optionally ``labels``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, no floating-point tensor with a sample axis, or labels of another length.
+    """
+    from .io import load_torch_file
+
+    p = Path(path)
+    obj = load_torch_file(p, f"{what} file")
+    x = obj.get("samples", obj.get("images")) if isinstance(obj, dict) else obj
+    y = obj.get("labels") if isinstance(obj, dict) else None
+    if not torch.is_tensor(x) or x.ndim < 2 or not x.is_floating_point() or x.shape[0] < 1:
+        got = f"shape {tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{what} file {str(p)!r} must hold a float tensor [N, ...] of samples (or a dict with "
+                         f"'samples' and optional 'labels'); got {got}.")
+    if y is not None and (not torch.is_tensor(y) or y.shape != (x.shape[0],)):
+        raise ValueError(f"{what} file {str(p)!r}: labels must be a [{x.shape[0]}] tensor; got "
+                         f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}.")
+    return x.float().contiguous(), None if y is None else y.long()
+
+
 def load_dataset(name: str, *, root: str | os.PathLike = "data", image_size: int | None = None,
                  download: bool = False, seed: int = 0, channels: int = 3) -> Dataset:
-    """The ``(image, label)`` dataset called ``name`` (see :data:`DATASET_NAMES`; ``channels`` for folders)."""
+    """The ``(sample, label)`` dataset called ``name`` (see :data:`DATASET_NAMES`; ``channels`` for folders; a
+    ``.pt`` file without labels gives ``(sample,)`` items)."""
+    if str(name).endswith(".pt"):
+        x, y = load_samples_file(name)
+        return TensorDataset(x) if y is None else TensorDataset(x, y)
     if name == "digits":
         return digits_dataset()
     if name == "patches":

@@ -9,22 +9,24 @@ symbol          meaning
 ``v``           the UNet predicts v = √ᾱ ε - √(1-ᾱ) x_0  (Salimans & Ho 2022); ε = √ᾱ v + √(1-ᾱ) x_t
 ==============  ===============================================================
 
-Class conditioning uses ``UNet2DModel(num_class_embeds=num_classes + 1)``; label ``num_classes`` is the
-null label of classifier-free guidance (Ho & Salimans 2022): ε = ε_∅ + w (ε_c - ε_∅).
+It is the ``UNet2DModel`` adapter of the denoiser protocol (:mod:`vrg_lightning.models`): forward, guidance and
+the ε conversion are :class:`~vrg_lightning.models.base.EpsModel`'s. Class conditioning uses
+``UNet2DModel(num_class_embeds=num_classes + 1)``; label ``num_classes`` is the null label of classifier-free
+guidance (Ho & Salimans 2022): ε = ε_∅ + w (ε_c - ε_∅).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .models.base import EpsModel
 from .schedule import NoiseSchedule
 
-__all__ = ["Denoiser", "PREDICTION_TYPES", "DIGITS_UNET", "plain_config", "load_diffusers_dir"]
+__all__ = ["Denoiser", "PREDICTION_TYPES", "DIGITS_UNET", "plain_config"]  # + load_diffusers_dir (moved)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -58,8 +60,8 @@ def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): plain(v) for k, v in config.items() if not str(k).startswith("_")}
 
 
-class Denoiser(nn.Module):
-    """ε-prediction wrapper around a ``UNet2DModel``.
+class Denoiser(EpsModel):
+    """The ``UNet2DModel`` adapter of the denoiser protocol (:mod:`vrg_lightning.models.base`): ε- or v-prediction.
 
     Args:
         unet_config: ``UNet2DModel`` keyword arguments (default :data:`DIGITS_UNET`); ``num_class_embeds`` is set
@@ -71,9 +73,11 @@ class Denoiser(nn.Module):
 
     Example:
         >>> d = Denoiser(dict(DIGITS_UNET, block_out_channels=[8, 8, 8], norm_num_groups=4, attention_head_dim=8))
-        >>> d(torch.zeros(2, 1, 16, 16), torch.tensor(0.5)).shape
-        torch.Size([2, 1, 16, 16])
+        >>> d(torch.zeros(2, 1, 16, 16), torch.tensor(0.5)).shape, d.sample_shape
+        (torch.Size([2, 1, 16, 16]), (1, 16, 16))
     """
+
+    clip_range = 1.0  # images in [-1, 1]
 
     def __init__(
         self,
@@ -83,12 +87,9 @@ class Denoiser(nn.Module):
         num_classes: int | None = None,
         unet: nn.Module | None = None,
     ) -> None:
-        super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}.")
-        if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive integer or None; got {num_classes!r}.")
+        super().__init__(schedule or NoiseSchedule(), prediction_type, num_classes)
         if unet is None:
             from diffusers import UNet2DModel
 
@@ -101,9 +102,14 @@ class Denoiser(nn.Module):
                 raise ValueError(f"unet.config.num_class_embeds={embeds!r} does not fit num_classes={num_classes!r}; "
                                  "it must be num_classes + 1 (the last label is the null label), or None.")
         self.unet = unet
-        self.schedule = schedule or NoiseSchedule()
-        self.prediction_type = prediction_type
-        self.num_classes = num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of the UNet's samples."""
+        cfg = self.unet.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(cfg.in_channels), int(h), int(w)
 
     # --- configuration ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -123,6 +129,9 @@ class Denoiser(nn.Module):
         return cls(dict(config["unet"]), NoiseSchedule.from_dict(config["schedule"]),
                    str(config.get("prediction_type", "epsilon")), config.get("num_classes"))
 
+    def describe(self) -> str:
+        return "the UNet2DModel"
+
     # --- evaluation ---------------------------------------------------------------------------
     def null_labels(self, batch: int, device: torch.device | str) -> Tensor | None:
         """The classifier-free-guidance null label for a batch (``None`` for unconditional models)."""
@@ -138,78 +147,10 @@ class Denoiser(nn.Module):
             raise ValueError("class_labels were given but this Denoiser is unconditional (num_classes=None).")
         return self.unet(x, t, class_labels=class_labels).sample
 
-    def forward(self, x: Tensor, alpha_bar: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """ε̂(x, ᾱ): the noise prediction, same shape and dtype as ``x``.
 
-        Args:
-            x: noisy images ``[B, C, H, W]``.
-            alpha_bar: ᾱ, a 0-d tensor (whole batch) or ``[B]``.
-            class_labels: ``[B]`` integer labels; ``None`` means the null label for conditional models.
-        """
-        ab = torch.as_tensor(alpha_bar, dtype=torch.float64)  # t is computed where ᾱ lives (CPU: no GPU sync)
-        if ab.ndim > 1 or (ab.ndim == 1 and ab.numel() != x.shape[0]):
-            raise ValueError(f"alpha_bar must be 0-d or of shape [{x.shape[0]}]; got shape {tuple(ab.shape)}.")
-        t = self.schedule.alpha_bar_to_t(ab.reshape(-1)).reshape(ab.shape).to(x.device, non_blocking=True)
-        out = self.model_output(x, t, class_labels)
-        if self.prediction_type == "v_prediction":
-            ab = ab.to(x.device, non_blocking=True)
-            shape = (-1,) + (1,) * (x.ndim - 1)
-            a = ab.reshape(shape) if ab.ndim else ab
-            out = (a.sqrt() * out.double() + (1 - a).sqrt() * x.double())
-        return out.to(x.dtype)
+def __getattr__(name: str) -> Any:  # the diffusers-folder adapter's earlier home
+    if name == "load_diffusers_dir":
+        from .models.diffusers import load_diffusers_dir
 
-    def eps_fn(self, class_labels: Tensor | None = None,
-               guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
-        """The solver callable ``(x, alpha_bar_0d) -> ε̂`` (docs/ARCHITECTURE.md), with CFG if ``guidance_scale != 1``.
-
-        Guidance needs a conditional model and ``class_labels``; the conditional and null passes run as one batch.
-        """
-        w = float(guidance_scale)
-        if w != 1.0 and (self.num_classes is None or class_labels is None):
-            raise ValueError(f"guidance_scale={w} needs a class-conditional model and class_labels.")
-
-        def fn(x: Tensor, alpha_bar: Tensor) -> Tensor:
-            if w == 1.0:
-                return self(x, alpha_bar, class_labels)
-            labels = class_labels.to(x.device)
-            null = self.null_labels(x.shape[0], x.device)
-            ab = torch.as_tensor(alpha_bar)
-            ab = ab if ab.ndim == 0 else torch.cat([ab, ab])
-            eps = self(torch.cat([x, x]), ab, torch.cat([labels, null]))
-            cond, uncond = eps.chunk(2)
-            return uncond + w * (cond - uncond)
-
-        return fn
-
-
-def load_diffusers_dir(directory: str | os.PathLike) -> tuple[Denoiser, dict[str, Any]]:
-    """``(denoiser, source)`` from a local diffusers folder (nothing is downloaded): a ``UNet2DModel`` in ``DIR`` or
-    ``DIR/unet`` and its ``scheduler_config.json`` in ``DIR/scheduler`` or ``DIR``; ``source`` records the paths.
-
-    Raises:
-        FileNotFoundError: no such folder, UNet config or scheduler config.
-        ValueError: a class-conditional UNet (not supported).
-    """
-    import json
-    from pathlib import Path
-
-    from diffusers import UNet2DModel
-
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"The diffusers folder {str(directory)!r} does not exist or is not a folder.")
-    unet_dir = d / "unet" if (d / "unet" / "config.json").is_file() else d
-    if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"No UNet config.json in {str(d)!r} or {str(d / 'unet')!r}.")
-    sched_file = next((p for p in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json")
-                       if p.is_file()), None)
-    if sched_file is None:
-        raise FileNotFoundError(f"No scheduler_config.json in {str(d / 'scheduler')!r} or {str(d)!r}.")
-    cfg = json.loads(sched_file.read_text())
-    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
-    if getattr(unet.config, "num_class_embeds", None):
-        raise ValueError(f"{str(d)!r} holds a class-conditional UNet (num_class_embeds); only unconditional "
-                         "diffusers UNet2DModels are supported.")
-    den = Denoiser(schedule=NoiseSchedule.from_config(cfg), prediction_type=str(cfg.get("prediction_type", "epsilon")),
-                   unet=unet)
-    return den, {"diffusers_dir": str(d.resolve()), "scheduler_config": str(sched_file.resolve())}
+        return load_diffusers_dir
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""A stored (VRG) trajectory as the ``sigmas=`` / ``timesteps=`` list a diffusers scheduler takes.
+"""A stored (VRG) trajectory as the ``sigmas=`` / ``timesteps=`` list a diffusers scheduler takes, or as a
+``VRGScheduler`` folder.
 
 - ``"sigmas"``: σ = √((1-ᾱ)/ᾱ), noisiest first, followed by the final ``0.0`` (diffusers'
   ``EulerDiscreteScheduler.set_timesteps(sigmas=...)`` takes the full list including the end point and keeps the
@@ -6,6 +7,8 @@
 - ``"timesteps"``: integer timesteps, noisiest first, for schedulers whose ``set_timesteps(timesteps=...)``
   casts to integers (``DPMSolverMultistepScheduler``, ``DPMSolverSinglestepScheduler``); the scheduler adds the end
   point itself (``final_sigmas_type="zero"`` matches the toolkit's σ = 0).
+- ``"scheduler"``: the exact ᾱ values, cleanest first, for :class:`~vrg_lightning.scheduler.VRGScheduler` (continuous
+  timesteps, any of the toolkit's solvers, nothing rounded); :func:`write_scheduler` writes its folder.
 
 What the export loses (float32 or integer rounding) is reported as the cpe of the exported trajectory next to the
 cpe of the exact one, under the checkpoint's error profile. ``vrg export`` is the command line.
@@ -13,19 +16,22 @@ cpe of the exact one, under the checkpoint's error profile. ``vrg export`` is th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .io import atomic_write_text
 from .schedule import NoiseSchedule, alpha_bar_to_sigma, sigma_to_alpha_bar
 from .trajectories import validate_trajectory
 from .variance import cpe
 
-__all__ = ["FORMATS", "ExportResult", "export_trajectory"]
+__all__ = ["FORMATS", "ExportResult", "export_trajectory", "write_scheduler"]
 
-FORMATS = ("sigmas", "timesteps")
+FORMATS = ("sigmas", "timesteps", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,9 @@ class ExportResult:
         return {**asdict(self), "cpe_change": self.cpe_change}
 
     def literal(self) -> str:
-        """``sigmas=[...]`` or ``timesteps=[...]`` as Python source."""
+        """``sigmas=[...]``, ``timesteps=[...]`` or ``alpha_bar=[...]`` (scheduler) as Python source."""
         vals = ", ".join(repr(v) for v in self.values)
-        return f"{self.format}=[{vals}]"
+        return f"{'alpha_bar' if self.format == 'scheduler' else self.format}=[{vals}]"
 
 
 def export_trajectory(
@@ -66,12 +72,12 @@ def export_trajectory(
     objective: str = "paper",
     solver: str = "ddim",
 ) -> ExportResult:
-    """Convert a trajectory (ᾱ, cleanest first) to a diffusers ``sigmas``/``timesteps`` list.
+    """Convert a trajectory (ᾱ, cleanest first) to a diffusers ``sigmas``/``timesteps`` list or ``VRGScheduler`` ᾱ.
 
     Args:
         alpha_bar: the trajectory.
         schedule: the model's :class:`~vrg_lightning.schedule.NoiseSchedule`.
-        fmt: ``"sigmas"`` or ``"timesteps"``.
+        fmt: one of :data:`FORMATS` (``"scheduler"``: the exact values, cleanest first; nothing is lost).
         mse: MSE(ᾱ) of the model's error profile; without it no cpe is reported.
         objective, solver: the cpe (:func:`vrg_lightning.variance.cpe`) used to measure the rounding loss.
 
@@ -88,7 +94,9 @@ def export_trajectory(
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}; got {fmt!r}.")
     ab = validate_trajectory(torch.as_tensor(alpha_bar, dtype=torch.float64), "trajectory")
-    if fmt == "sigmas":
+    if fmt == "scheduler":
+        values, exported = ab.tolist(), ab
+    elif fmt == "sigmas":
         sig = alpha_bar_to_sigma(ab).flip(0)
         values: list[Any] = [float(s) for s in sig] + [0.0]
         exported = sigma_to_alpha_bar(sig.to(torch.float32).to(torch.float64)).flip(0)
@@ -110,3 +118,39 @@ def export_trajectory(
         kw = {"solver": solver} if objective == "solver" else {}
         c_exact, c_exp = float(cpe(ab, mse, objective, **kw)), float(cpe(exported, mse, objective, **kw))
     return ExportResult(fmt, values, ab.tolist(), exported.tolist(), c_exact, c_exp, objective, solver)
+
+
+def write_scheduler(
+    out_dir: str | os.PathLike,
+    alpha_bar: Any,
+    schedule: NoiseSchedule,
+    solver: str,
+    *,
+    prediction_type: str = "epsilon",
+    source: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a :class:`~vrg_lightning.scheduler.VRGScheduler` folder (its ``scheduler_config.json``, what
+    ``save_pretrained`` writes, written atomically), loadable by ``VRGScheduler.from_pretrained(out_dir)``.
+
+    Returns:
+        The path of the written config file.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a file, or already holds a scheduler config and ``force`` is False.
+        ValueError: an invalid trajectory, solver or prediction type (nothing is written).
+    """
+    from .scheduler import VRGScheduler
+
+    out = Path(out_dir)
+    target = out / VRGScheduler.config_name
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{str(out)!r} is a file, not a folder for the scheduler config.")
+    if target.exists() and not force:
+        raise FileExistsError(f"{str(target)!r} exists; choose a new folder or pass force=True to replace it.")
+    sched = VRGScheduler(alpha_bar=validate_trajectory(torch.as_tensor(alpha_bar, dtype=torch.float64), "trajectory"),
+                         solver=solver, **schedule.to_dict(), prediction_type=prediction_type,
+                         source=dict(source) if source else None)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, sched.to_json_string())
+    return target

@@ -19,8 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .checkpoint import VRG_FORMAT, VRG_KEY, VRG_VERSION, check_same_schedule, model_section
+from .checkpoint import (
+    VRG_FORMAT,
+    VRG_KEY,
+    VRG_VERSION,
+    CheckpointMismatchError,
+    check_same_schedule,
+    model_section,
+)
 from .denoiser import DIGITS_UNET, Denoiser
+from .models.base import to_epsilon
 from .report import image_grid
 from .schedule import NoiseSchedule, add_noise
 
@@ -125,12 +133,9 @@ class DiffusionModule(pl.LightningModule):
             drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
             labels = torch.where(drop, torch.full_like(y, self.model.num_classes), y.long())
         out = self.model.model_output(xt, t.to(x0.dtype), labels)
-        if self.model.prediction_type == "epsilon":
-            loss = F.mse_loss(out, eps)
-            eps_hat = out
-        else:
-            loss = F.mse_loss(out, a * eps - s * x0)
-            eps_hat = a * out + s * xt
+        target = eps if self.model.prediction_type == "epsilon" else a * eps - s * x0  # v = √ᾱ ε - √(1-ᾱ) x₀
+        loss = F.mse_loss(out, target)
+        eps_hat = to_epsilon(out.detach(), xt, ab, self.model.prediction_type)  # the one ε / v conversion
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return {"loss": loss, "vrg_alpha_bar": ab.detach(), "vrg_error": (eps_hat - eps).detach()}
 
@@ -186,8 +191,22 @@ class DiffusionModule(pl.LightningModule):
         vrg["model"] = model_section(self.model.config(), "model.", "ema.module.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose model was trained with another noise schedule.
+
+        Raises:
+            CheckpointMismatchError: (a ``ValueError``) the stored schedule differs from this module's.
+        """
         model = (checkpoint.get(VRG_KEY) or {}).get("model") or {}
         stored = (model.get("denoiser") or {}).get("schedule")
-        if stored is not None:
+        if stored is None:
+            return
+        try:
             check_same_schedule(stored, self.schedule, "checkpoint being loaded")
+        except ValueError as exc:
+            raise CheckpointMismatchError(
+                f"Cannot resume from this checkpoint: its model was trained with noise schedule {dict(stored)}, but "
+                f"this run configures {self.schedule.to_dict()}. Resume with the checkpoint's schedule settings "
+                "(model.beta_schedule, model.beta_start, model.beta_end, model.num_train_timesteps) or start a new "
+                "run without ckpt_path."
+            ) from exc
 

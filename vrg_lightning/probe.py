@@ -1,7 +1,8 @@
-"""The probe: a ``no_grad`` measurement of a denoiser's error profile on a fixed, stratified set of noised images.
+"""The probe: a ``no_grad`` measurement of a denoiser's error profile on a fixed, stratified set of noised samples
+(images or any other shape).
 
 Sample ``i < num_samples`` goes to bin ``i mod (#bins)`` (bins of :meth:`ErrorProfile.for_schedule`), at an integer
-timestep uniform within the bin, on image ``perm[i mod len(dataset)]`` with noise ε; all are drawn from generators
+timestep uniform within the bin, on data item ``perm[i mod len(dataset)]`` with noise ε; all are drawn from generators
 seeded by ``(seed, i // PROBE_CHUNK)``. Rank ``r`` of ``W`` evaluates chunks ``r, r + W, …``, so the probed
 (image, t, noise) set, and the sum of all ranks' profiles, do not depend on the number of processes.
 Used by :class:`~vrg_lightning.callbacks.VRGProfiler` (probe mode) and ``vrg profile``.
@@ -85,15 +86,20 @@ def probe_profile(
     """Measure the error profile of ``denoiser(x, alpha_bar[B], class_labels) -> ε̂`` on this rank's probe shard.
 
     Args:
-        denoiser: ε̂ from noised images, their ᾱ and class labels (``None`` for unconditional models; a
-            ``num_classes`` attribute that is not ``None`` makes the probe pass the dataset's labels).
-        dataset: images (or ``(image, label)`` pairs) in the model's data range.
+        denoiser: ε̂ from noised samples, their ᾱ and class labels (``None`` for unconditional models; a
+            ``num_classes`` attribute that is not ``None`` makes the probe pass the dataset's labels; a
+            ``sample_shape`` attribute is checked against the data).
+        dataset: samples (or ``(sample, label)`` pairs) in the model's data range, any shape.
         num_samples, num_bins, seed, batch_size: the probe set (module docstring).
         rank, world_size: this process's share.
         device: where the denoiser runs and the sums are kept (default CPU).
 
     Returns:
         This rank's :class:`ErrorProfile` on CPU (add the ranks' profiles, or reduce their sums, for the full one).
+
+    Raises:
+        ValueError: a bad count, data whose sample shape is not the denoiser's, or a denoiser whose every
+            prediction was non-finite.
     """
     for name, v in (("num_samples", num_samples), ("batch_size", batch_size), ("world_size", world_size)):
         _check_int(name, v, 1)
@@ -105,12 +111,21 @@ def probe_profile(
     profile.meta.update(num_samples=num_samples, seed=seed, rank=rank, world_size=world_size)
     profile.to(dev)
     conditional = getattr(denoiser, "num_classes", None) is not None
+    want = getattr(denoiser, "sample_shape", None)
+    skipped, seen = torch.zeros((), dtype=torch.long, device=dev), 0
     for x0, eps, t, labels in probe_batches(dataset, schedule, profile, num_samples=num_samples, seed=seed,
                                             batch_size=batch_size, rank=rank, world_size=world_size,
                                             use_labels=use_labels):
+        if want is not None and tuple(x0.shape[1:]) != tuple(want):
+            raise ValueError(f"The probe data has samples of shape {tuple(x0.shape[1:])} but the model's sample_shape "
+                             f"is {tuple(want)}; give data of the model's shape (or the model's sample shape).")
         x0, eps = x0.to(dev), eps.to(dev)
         ab = schedule.alphas_cumprod[t].to(dev)
         xt, _, _ = add_noise(x0, eps, ab)
         eps_hat = denoiser(xt, ab, labels.to(dev) if conditional and labels is not None else None)
-        profile.update(alpha_bar_to_lambda(ab), eps_hat.float() - eps)
+        skipped += profile.update(alpha_bar_to_lambda(ab), eps_hat.float() - eps)
+        seen += x0.shape[0]
+    if seen and int(skipped) == seen:
+        raise ValueError(f"Every one of the {seen} probe predictions was non-finite (NaN or inf): nothing to measure; "
+                         "check the model and its weights.")
     return profile.to("cpu")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .interpolants import PchipLogMSE, PiecewiseLinearMSE
-from .io import atomic_torch_save, atomic_write_text
+from .io import FORMAT_VERSIONS, atomic_torch_save, atomic_write_text, check_format, load_torch_file, read_text_file
 from .schedule import NoiseSchedule, alpha_bar_to_lambda
 
 __all__ = [
@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "vrg-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = FORMAT_VERSIONS[PROFILE_FORMAT]
+DUPLICATE_RTOL = 0.05  # table rows sharing an alpha_bar (printed rounded) are averaged if their MSEs agree this well
 SUM_ROWS = ("count", "lam_sum", "n", "s1", "s2", "s3", "s4")  # rows of ErrorProfile.sums
 
 
@@ -149,18 +150,18 @@ class ErrorProfile:
     @classmethod
     def from_table(cls, alpha_bar: Tensor, mse: Tensor, source: str = "table") -> ErrorProfile:
         """One bin per table row with 0 < ᾱ < 1 (others, e.g. a safeguard row at ᾱ = 0, are kept
-        only as paper-mode knots). MSE only: higher moments are unknown (``moments=2``)."""
+        only as paper-mode knots). MSE only: higher moments are unknown (``moments=2``).
+
+        Rows sharing an ᾱ (a table printed with few digits) become one bin with their mean MSE when the MSEs agree
+        within :data:`DUPLICATE_RTOL`.
+
+        Raises:
+            ValueError: non-finite or negative values, ᾱ outside [0, 1), fewer than 2 distinct noise levels with
+                0 < ᾱ < 1 (MSE(ᾱ) is not determined by one), or rows sharing an ᾱ with conflicting MSE.
+        """
         ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
         m = torch.as_tensor(mse, dtype=torch.float64)
-        _check_mse(ab, m)
-        keep = (ab > 0) & (ab < 1)
-        if not bool(keep.any()):
-            raise ValueError("The MSE table has no row with 0 < alpha_bar < 1.")
-        lam = alpha_bar_to_lambda(ab[keep])
-        order = torch.argsort(lam)
-        lam, inverse = torch.unique(lam[order], return_inverse=True)  # rows sharing an alpha_bar: one bin, mean MSE
-        rows = torch.zeros_like(lam).index_add_(0, inverse, torch.ones_like(inverse, dtype=torch.float64))
-        mk = torch.zeros_like(lam).index_add_(0, inverse, m[keep][order]) / rows
+        lam, mk = _table_levels(ab, m)
         mid = (lam[1:] + lam[:-1]) / 2
         inf = torch.tensor([math.inf], dtype=torch.float64)
         ones = torch.ones_like(lam)
@@ -305,6 +306,10 @@ class ErrorProfile:
                 "(VRGProfiler) or run `vrg profile` before optimizing trajectories."
             )
         lam, mse = self.lam[keep], self.mse[keep]
+        if lam.numel() < 2:
+            raise ValueError(f"The error profile has data at one noise level only (alpha_bar="
+                             f"{float(torch.sigmoid(lam[0])):.6g}); MSE(alpha_bar) needs 2 or more: measure more "
+                             "samples or bins.")
         _check_mse(torch.sigmoid(lam), mse)
         if mode == "paper":
             return PiecewiseLinearMSE(torch.sigmoid(lam), mse)
@@ -325,10 +330,11 @@ class ErrorProfile:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ErrorProfile:
-        if d.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"Not a vrg error profile (format={d.get('format')!r}, expected {PROFILE_FORMAT!r}).")
-        if int(d.get("version", 0)) > PROFILE_VERSION:
-            raise ValueError(f"Profile version {d['version']} is newer than this toolkit ({PROFILE_VERSION}); upgrade.")
+        """The profile of :meth:`to_dict` (format and version checked)."""
+        check_format(d, PROFILE_FORMAT, "error profile")
+        missing = [k for k in ("lambda_edges", *SUM_ROWS) if k not in d]
+        if missing:
+            raise ValueError(f"error profile: lacks {', '.join(missing)}.")
         pk = d.get("paper_knots")
         return cls(d["lambda_edges"], **{k: d[k] for k in SUM_ROWS}, moments=int(d.get("moments", 4)),
                    source=str(d.get("source", "")), meta=dict(d.get("meta", {})),
@@ -343,6 +349,32 @@ class ErrorProfile:
         return f"# vrg-lightning error profile ({self.source})\n#\n# ts\talpha_bar\tMSE\n" + rows
 
 
+def _table_levels(ab: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct λ (increasing) of an MSE table's rows with 0 < ᾱ < 1 and their MSE (the mean of rows sharing an
+    ᾱ, which must agree within :data:`DUPLICATE_RTOL`); see :meth:`ErrorProfile.from_table`."""
+    _check_mse(ab, m)
+    keep = (ab > 0) & (ab < 1)
+    if not bool(keep.any()):
+        raise ValueError("The MSE table has no row with 0 < alpha_bar < 1.")
+    lam = alpha_bar_to_lambda(ab[keep])
+    order = torch.argsort(lam)
+    lam, inverse = torch.unique(lam[order], return_inverse=True)
+    if lam.numel() < 2:
+        raise ValueError(f"An MSE table needs rows at 2 or more noise levels with 0 < alpha_bar < 1; got only "
+                         f"alpha_bar={float(ab[keep][0]):.8g}. One row does not determine MSE(alpha_bar).")
+    mk = m[keep][order]
+    rows = torch.zeros_like(lam).index_add_(0, inverse, torch.ones_like(mk))
+    hi = torch.zeros_like(lam).scatter_reduce_(0, inverse, mk, "amax", include_self=False)
+    lo = torch.zeros_like(lam).scatter_reduce_(0, inverse, mk, "amin", include_self=False)
+    bad = torch.nonzero(hi - lo > DUPLICATE_RTOL * hi).flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"The MSE table has rows at alpha_bar={float(torch.sigmoid(lam[i])):.8g} with conflicting "
+                         f"MSE ({float(lo[i]):.6g} and {float(hi[i]):.6g}); give one MSE per noise level (rows that "
+                         f"agree within {DUPLICATE_RTOL:.0%} are averaged).")
+    return lam, torch.zeros_like(lam).index_add_(0, inverse, mk) / rows
+
+
 def _check_mse(alpha_bar: Tensor, mse: Tensor) -> None:
     if bool((~torch.isfinite(mse)).any()):
         raise ValueError(f"MSE values must be finite; got {mse[~torch.isfinite(mse)][0].item()!r}.")
@@ -355,10 +387,9 @@ def _check_mse(alpha_bar: Tensor, mse: Tensor) -> None:
 def read_reference_tsv(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     """Read the reference ``ts alpha_bar MSE`` table (``#`` comments, whitespace-separated)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"Profile file {str(p)!r} does not exist.")
     ab, mse = [], []
-    for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+    text = read_text_file(p, "Profile file", "'ts alpha_bar MSE' rows (or a torch profile/checkpoint)")
+    for i, line in enumerate(text.splitlines(), 1):
         s = line.split("#", 1)[0].strip()
         if not s:
             continue
@@ -378,24 +409,36 @@ def read_reference_tsv(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
 
 
 def load_profile(path: str | os.PathLike) -> ErrorProfile:
-    """Load a profile: the toolkit's ``.pt`` files, checkpoints holding ``vrg.profile``, or a reference TSV."""
+    """Load a profile: the toolkit's ``.pt`` files, checkpoints holding ``vrg.profile`` (their ``vrg`` format and
+    version checked), or a reference TSV.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is unreadable or holds no (valid) profile; the message names the file.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"Profile file {str(p)!r} does not exist.")
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - report any unpickling failure the same way
-            raise ValueError(f"Could not read {str(p)!r} as a torch file: {exc}") from exc
-        if isinstance(obj, Mapping) and "vrg" in obj and isinstance(obj["vrg"], Mapping):
-            obj = obj["vrg"].get("profile", obj)
+        obj = load_torch_file(p, "Profile file")
+        name = f"profile file {str(p)!r}"
+        if isinstance(obj, Mapping) and isinstance(obj.get("vrg"), Mapping):  # a checkpoint: its vrg section
+            check_format(obj["vrg"], "vrg-lightning", f"{name} (vrg section)", required=False)
+            obj = obj["vrg"].get("profile")
+            name += " (vrg.profile)"
         if not isinstance(obj, Mapping):
             raise ValueError(f"{str(p)!r} holds no vrg profile.")
-        return ErrorProfile.from_dict(obj)
+        try:
+            return ErrorProfile.from_dict(obj)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: {exc}") from exc
     ab, mse = read_reference_tsv(p)
-    return ErrorProfile.from_table(ab, mse, source=f"table:{p.name}")
+    try:
+        return ErrorProfile.from_table(ab, mse, source=f"table:{p.name}")
+    except ValueError as exc:
+        raise ValueError(f"{p}: {exc}") from exc
 
 
 def save_profile(path: str | os.PathLike, profile: ErrorProfile) -> None:

@@ -216,15 +216,23 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _model_summary(model: Any) -> dict[str, Any] | None:
-    if not isinstance(model, Mapping):
-        return None
-    den = model.get("denoiser") or {}
-    unet = den.get("unet") or {}
-    keys = ("sample_size", "in_channels", "block_out_channels", "layers_per_block", "down_block_types")
-    return {"prediction_type": den.get("prediction_type"), "num_classes": den.get("num_classes"),
-            "unet": {k: unet.get(k) for k in keys}, "ema": bool(model.get("ema_weights")),
-            "source": model.get("source")}
+def _model_summary(model: Any, module: Any = None) -> dict[str, Any] | None:
+    """What a file says about its model: a toolkit UNet (``kind="unet"``), a ``--model SPEC`` (``"spec"``) or a
+    LightningModule class (``"lightning"``, from ``vrg["module"]``)."""
+    if isinstance(model, Mapping) and "spec" in model:
+        return {"kind": "spec", "spec": model.get("spec"), "sample_shape": model.get("sample_shape"),
+                "prediction_type": model.get("prediction_type"), "num_classes": model.get("num_classes")}
+    if isinstance(model, Mapping) and "denoiser" in model:
+        den = model.get("denoiser") or {}
+        unet = den.get("unet") or {}
+        keys = ("sample_size", "in_channels", "block_out_channels", "layers_per_block", "down_block_types")
+        return {"kind": "unet", "prediction_type": den.get("prediction_type"), "num_classes": den.get("num_classes"),
+                "unet": {k: unet.get(k) for k in keys}, "ema": bool(model.get("ema_weights")),
+                "source": model.get("source")}
+    if isinstance(module, Mapping) and module.get("class_path"):
+        return {"kind": "lightning", "class_path": module.get("class_path"),
+                "sample_shape": module.get("sample_shape")}
+    return None
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -242,7 +250,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = load_checkpoint_file(path)
     raw = ckpt if ckpt.get("format") == "vrg-lightning" else ckpt.get(VRG_KEY)
     info: dict[str, Any] = {"file": path, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"),
-                            "model": _model_summary(raw.get("model")) if isinstance(raw, Mapping) else None}
+                            "model": _model_summary(raw.get("model"), raw.get("module")) if isinstance(raw, Mapping)
+                            else None}
     try:
         vrg = read_vrg(ckpt)
     except ValueError as exc:
@@ -274,11 +283,16 @@ def format_report(info: Mapping[str, Any]) -> str:
     lines = [f"file      {info['file']}" + (f"  (step {info['global_step']}, epoch {info['epoch']})"
                                                if info.get("global_step") is not None else "")]
     m = info.get("model")
-    if m:
+    if m and m.get("kind") == "unet":
         u = m["unet"]
         lines.append(f"model     UNet2DModel {u.get('sample_size')}px x{u.get('in_channels')}, blocks "
                      f"{u.get('block_out_channels')}, {m['prediction_type']}, classes {m['num_classes']}, "
                      f"EMA {'yes' if m['ema'] else 'no'}")
+    elif m and m.get("kind") == "spec":
+        lines.append(f"model     --model {m['spec']} (weights not stored: pass it again), sample shape "
+                     f"{m.get('sample_shape')}, {m.get('prediction_type')}, classes {m.get('num_classes')}")
+    elif m:
+        lines.append(f"model     LightningModule {m['class_path']}, sample shape {m.get('sample_shape')}")
     if "missing" in info:
         lines.append(f"vrg       {info['missing']}")
         return "\n".join(lines)

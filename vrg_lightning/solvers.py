@@ -1,8 +1,10 @@
 """Diffusion ODE solvers over a continuous ᾱ trajectory, one implementation each.
 
 Every solver integrates the probability-flow ODE of a variance-preserving model from the noisiest
-trajectory value down to ``final_alpha_bar`` (default 1: σ = 0, the clean sample). The same code
-serves sampling and error analysis (``variance.propagation``). It works in the scaled variables
+trajectory value down to ``final_alpha_bar`` (default 1: σ = 0, the clean sample). Each is written once, as a
+generator that yields every model input (x, ᾱ) and is sent ε̂ (:class:`SolverRun`); the same code serves
+:func:`sample`, the diffusers ``VRGScheduler`` and error analysis (``variance.propagation``). It works in the scaled
+variables
 
 ==========  ================================================  ===========
 symbol      meaning                                           code
@@ -54,7 +56,7 @@ not change the grad mode: wrap it in ``torch.no_grad()`` for sampling.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -63,10 +65,11 @@ from torch import Tensor
 from .schedule import alpha_bar_to_sigma
 from .trajectories import validate_trajectory
 
-__all__ = ["SOLVERS", "EpsFn", "sample", "num_evaluations", "solver_options"]
+__all__ = ["SOLVERS", "EpsFn", "SolverRun", "sample", "num_evaluations", "solver_options"]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
+_Run = Generator[Any, Tensor, Tensor]  # yields (x, ᾱ) per model evaluation, is sent ε̂, returns x̃
 
 SOLVERS: tuple[str, ...] = ("ddim", "dpmsolver1", "dpmsolver2", "dpmsolver3", "dpmpp_2m", "pndm", "plms", "deis")
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -155,25 +158,13 @@ class _Grid:
         return torch.tensor(idx, dtype=torch.long, device=self.dev)
 
 
-class _Model:
-    """Calls ``eps_fn`` on the unscaled x = √ᾱ x̃, checks its output and reports to the callback."""
+def _ev(xt: Tensor, ab: Tensor, sqrt_ab: Tensor | None = None) -> _Run:
+    """One model evaluation: yield the unscaled model input x = √ᾱ x̃ and ᾱ, receive ε̂ (``yield from``)."""
+    return (yield xt * (ab.sqrt() if sqrt_ab is None else sqrt_ab), ab)
 
-    def __init__(self, eps_fn: EpsFn, callback: Callback | None) -> None:
-        self.eps_fn, self.callback, self.i = eps_fn, callback, 0
 
-    def __call__(self, xt: Tensor, ab: Tensor, sqrt_ab: Tensor | None = None) -> Tensor:
-        x = xt * (ab.sqrt() if sqrt_ab is None else sqrt_ab)
-        eps = self.eps_fn(x, ab)
-        if not torch.is_tensor(eps) or eps.shape != x.shape:
-            got = tuple(eps.shape) if torch.is_tensor(eps) else type(eps).__name__
-            raise ValueError(f"eps_fn must return a tensor shaped like x {tuple(x.shape)}; got {got}.")
-        if self.callback is not None:
-            self.callback({"x": x, "i": self.i, "alpha_bar": ab, "eps": eps})
-        self.i += 1
-        return eps
-
-    def at(self, xt: Tensor, g: _Grid, i: int) -> Tensor:
-        return self(xt, g.ab[i], g.sqrt_ab[i])
+def _at(xt: Tensor, g: _Grid, i: int) -> _Run:
+    return _ev(xt, g.ab[i], g.sqrt_ab[i])
 
 
 # --- orders ---------------------------------------------------------------------------------------
@@ -205,14 +196,15 @@ def _multistep_orders(n: int, order: int, final_zero: bool, lower_order_final: b
 
 
 # --- solvers --------------------------------------------------------------------------------------
-def _ddim(model: _Model, xt: Tensor, g: _Grid) -> Tensor:
+def _ddim(g: _Grid) -> _Run:
     """DDIM (η = 0): x̃ ← x̃ + (σ_{i+1} - σ_i) ε̂_i."""
+    xt = yield None
     for i in range(g.n):
-        xt = xt + g.ds[i] * model.at(xt, g, i)
+        xt = xt + g.ds[i] * (yield from _at(xt, g, i))
     return xt
 
 
-def _singlestep(model: _Model, xt: Tensor, g: _Grid, order: int, lower_order_final: bool = True) -> Tensor:
+def _singlestep(g: _Grid, order: int, lower_order_final: bool = True) -> _Run:
     """Singlestep DPM-Solver++ (data prediction, midpoint), arXiv 2211.01095, grouped as diffusers.
 
     A group starts at value k with sample x̃_k; step i of order o = i - k + 1 lands on value i+1 with
@@ -229,9 +221,10 @@ def _singlestep(model: _Model, xt: Tensor, g: _Grid, order: int, lower_order_fin
         third = torch.tensor([orders[j] == 3 for j in hi], device=g.dev)
         c1 = torch.where(third, (rho - 1) / h + 1, 0.5 * (1 - rho)) * h / (g.lam[i] - g.lam[k])
         coef = dict(zip(hi, zip(rho.unbind(0), (1 - rho).unbind(0), c1.unbind(0), strict=True), strict=True))
+    xt = yield None
     start = d_start = xt
     for i, o in enumerate(orders):
-        eps = model.at(xt, g, i)
+        eps = yield from _at(xt, g, i)
         if o == 1:
             start, d_start = xt, xt - g.s[i] * eps
             xt = xt + g.ds[i] * eps
@@ -241,7 +234,7 @@ def _singlestep(model: _Model, xt: Tensor, g: _Grid, order: int, lower_order_fin
     return xt
 
 
-def _dpmpp_2m(model: _Model, xt: Tensor, g: _Grid, lower_order_final: bool = True) -> Tensor:
+def _dpmpp_2m(g: _Grid, lower_order_final: bool = True) -> _Run:
     """DPM-Solver++(2M), arXiv 2211.01095 Alg. 2 (midpoint form of diffusers).
 
     h = λ_{i+1} - λ_i, r = (λ_i - λ_{i-1})/h, ρ = σ_{i+1}/σ_i: x̃ ← ρ x̃ + (1-ρ)(x̂₀_i + (x̂₀_i - x̂₀_{i-1})/(2r)).
@@ -255,9 +248,10 @@ def _dpmpp_2m(model: _Model, xt: Tensor, g: _Grid, lower_order_final: bool = Tru
         half_q = 0.5 * (g.lam[i + 1] - g.lam[i]) / (g.lam[i] - g.lam[i - 1])
         a, b = (1 - rho) * (1 + half_q), -(1 - rho) * half_q
         coef = dict(zip(hi, zip(rho.unbind(0), a.unbind(0), b.unbind(0), strict=True), strict=True))
+    xt = yield None
     d_prev = xt
     for i, o in enumerate(orders):
-        eps = model.at(xt, g, i)
+        eps = yield from _at(xt, g, i)
         d = xt - g.s[i] * eps
         if o == 1:
             xt = xt + g.ds[i] * eps
@@ -286,7 +280,7 @@ def _deis_coefs(g: _Grid, steps: list[int], o: int) -> dict[int, tuple[Tensor, .
     return dict(zip(steps, zip(*coefs, strict=True), strict=True))
 
 
-def _deis(model: _Model, xt: Tensor, g: _Grid, order: int = 3, lower_order_final: bool = True) -> Tensor:
+def _deis(g: _Grid, order: int = 3, lower_order_final: bool = True) -> _Run:
     """tAB-DEIS (arXiv 2204.13902) in ρ = σ: x̃ ← x̃ + Σ_j c_j ε̂_{i-j}, c_j = ∫ ℓ_j(log ρ) dρ over [σ_i, σ_{i+1}]."""
     orders = _multistep_orders(g.n, order, g.final_zero, lower_order_final)
     coef: dict[int, tuple[Tensor, ...]] = {}
@@ -294,9 +288,10 @@ def _deis(model: _Model, xt: Tensor, g: _Grid, order: int = 3, lower_order_final
         steps = [i for i, oi in enumerate(orders) if oi == o]
         if steps:
             coef.update(_deis_coefs(g, steps, o))
+    xt = yield None
     hist: list[Tensor] = []
     for i, o in enumerate(orders):
-        hist = [model.at(xt, g, i), *hist[:2]]
+        hist = [(yield from _at(xt, g, i)), *hist[:2]]
         if o == 1:
             xt = xt + g.ds[i] * hist[0]
         else:
@@ -304,23 +299,24 @@ def _deis(model: _Model, xt: Tensor, g: _Grid, order: int = 3, lower_order_final
     return xt
 
 
-def _pseudo_linear(model: _Model, xt: Tensor, g: _Grid, i0: int, ets: list[Tensor]) -> Tensor:
+def _pseudo_linear(xt: Tensor, g: _Grid, i0: int, ets: list[Tensor]) -> _Run:
     """Pseudo linear multistep from value i0: x̃ ← x̃ + (σ_{i+1} - σ_i) Σ_j b_j ε̂_{i-j}, Adams-Bashforth b (≤ 4th)."""
     for i in range(i0, g.n):
-        ets = [model.at(xt, g, i), *ets[:3]]
+        ets = [(yield from _at(xt, g, i)), *ets[:3]]
         e = sum(b * e for b, e in zip(_AB[len(ets)], ets, strict=True))
         xt = xt + g.ds[i] * e
     return xt
 
 
-def _plms(model: _Model, xt: Tensor, g: _Grid) -> Tensor:
+def _plms(g: _Grid) -> _Run:
     """PLMS (arXiv 2202.09778; diffusers ``PNDMScheduler(skip_prk_steps=True)``): Heun first step, then PLMS."""
+    xt = yield None
     if g.n == 1:
-        return _pseudo_linear(model, xt, g, 0, [])
+        return (yield from _pseudo_linear(xt, g, 0, []))
     ds = g.ds[0]
-    e0 = model.at(xt, g, 0)
-    e1 = model.at(xt + ds * e0, g, 1)
-    return _pseudo_linear(model, xt + ds * 0.5 * (e0 + e1), g, 1, [e0])
+    e0 = yield from _at(xt, g, 0)
+    e1 = yield from _at(xt + ds * e0, g, 1)
+    return (yield from _pseudo_linear(xt + ds * 0.5 * (e0 + e1), g, 1, [e0]))
 
 
 def _logsnr_midpoint(ab_a: Tensor, ab_b: Tensor) -> Tensor:
@@ -328,7 +324,7 @@ def _logsnr_midpoint(ab_a: Tensor, ab_b: Tensor) -> Tensor:
     return 1 / (1 + alpha_bar_to_sigma(ab_a) * alpha_bar_to_sigma(ab_b))
 
 
-def _pndm(model: _Model, xt: Tensor, g: _Grid, midpoint: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+def _pndm(g: _Grid, midpoint: Callable[[Tensor, Tensor], Tensor] | None = None) -> _Run:
     """F-PNDM (arXiv 2202.09778 Alg. 2; diffusers ``PNDMScheduler(skip_prk_steps=False)``).
 
     Steps 0-2 are pseudo RK4 steps (ε̂ at the start, twice at the midpoint m, at the end; x̃ ← x̃ + Δσ (e₁+2e₂+2e₃+e₄)/6,
@@ -336,6 +332,7 @@ def _pndm(model: _Model, xt: Tensor, g: _Grid, midpoint: Callable[[Tensor, Tenso
     """
     num_evaluations("pndm", g.n)
     mid = _logsnr_midpoint if midpoint is None else midpoint
+    xt = yield None
     ets: list[Tensor] = []
     for i in range(3):
         ab_m = mid(g.ab[i], g.ab[i + 1])
@@ -346,20 +343,20 @@ def _pndm(model: _Model, xt: Tensor, g: _Grid, midpoint: Callable[[Tensor, Tenso
             )
         ab_m = ab_m.to(torch.float64)
         s0, sm, ds = g.s[i], alpha_bar_to_sigma(ab_m), g.ds[i]
-        e1 = model.at(xt, g, i)
-        e2 = model(xt + (sm - s0) * e1, ab_m)
-        e3 = model(xt + (sm - s0) * e2, ab_m)
-        e4 = model.at(xt + ds * e3, g, i + 1)
+        e1 = yield from _at(xt, g, i)
+        e2 = yield from _ev(xt + (sm - s0) * e1, ab_m)
+        e3 = yield from _ev(xt + (sm - s0) * e2, ab_m)
+        e4 = yield from _at(xt + ds * e3, g, i + 1)
         xt = xt + ds * ((e1 + 2 * e2 + 2 * e3 + e4) / 6)
         ets = [e1, *ets]
-    return _pseudo_linear(model, xt, g, 3, ets)
+    return (yield from _pseudo_linear(xt, g, 3, ets))
 
 
-_IMPL: dict[str, Callable[..., Tensor]] = {
+_IMPL: dict[str, Callable[..., _Run]] = {
     "ddim": _ddim,
-    "dpmsolver1": lambda m, x, g, **o: _singlestep(m, x, g, 1, **o),
-    "dpmsolver2": lambda m, x, g, **o: _singlestep(m, x, g, 2, **o),
-    "dpmsolver3": lambda m, x, g, **o: _singlestep(m, x, g, 3, **o),
+    "dpmsolver1": lambda g, **o: _singlestep(g, 1, **o),
+    "dpmsolver2": lambda g, **o: _singlestep(g, 2, **o),
+    "dpmsolver3": lambda g, **o: _singlestep(g, 3, **o),
     "dpmpp_2m": _dpmpp_2m,
     "pndm": _pndm,
     "plms": _plms,
@@ -378,6 +375,64 @@ def _check_final(final_alpha_bar: float, alpha_bar: Tensor) -> float:
             f"1 = the clean sample); got {final_alpha_bar!r}."
         )
     return float(final_alpha_bar)
+
+
+class SolverRun:
+    """One run of ``solver`` over a trajectory, one model evaluation at a time: the solver code behind
+    :func:`sample` and :class:`~vrg_lightning.scheduler.VRGScheduler` (each solver is a generator that yields its
+    model inputs and is sent ε̂).
+
+    Construction validates the arguments (as :func:`sample`) and precomputes the grid, orders and coefficients;
+    :meth:`start` takes the starting sample and returns the first model input; :meth:`send` takes ε̂ at the pending
+    model input and returns the next model input or, after the last evaluation, the final sample (:attr:`done`).
+    :attr:`alpha_bar` is the ᾱ of the pending evaluation (0-d float64, ``None`` when done); :attr:`index` counts the
+    evaluations made.
+
+    Example:
+        >>> run = SolverRun("ddim", torch.tensor([0.9, 0.5], dtype=torch.float64))
+        >>> x = run.start(torch.ones(1))
+        >>> while not run.done:
+        ...     x = run.send(torch.zeros_like(x))  # ε̂ = 0: x̃ stays 1 / √0.5
+        >>> x, run.index
+        (tensor([1.4142]), 2)
+    """
+
+    def __init__(self, solver: str, alpha_bar: Tensor, *, final_alpha_bar: float = 1.0, **options: Any) -> None:
+        _check_options(solver, options)
+        ab = validate_trajectory(alpha_bar, "alpha_bar")
+        self.final_alpha_bar = _check_final(final_alpha_bar, ab)
+        self.solver, self.num_evaluations = solver, num_evaluations(solver, ab.numel())
+        self.grid = _Grid(ab, self.final_alpha_bar)
+        self._gen = _IMPL[solver](self.grid, **options)
+        next(self._gen)  # the preamble: orders and coefficients, before the starting sample is known
+        self.alpha_bar: Tensor | None = None
+        self.index, self.done, self._started = 0, False, False
+
+    def start(self, x: Tensor) -> Tensor:
+        """Begin at ``x`` (the sample at the noisiest trajectory value); returns the first model input."""
+        if self._started:
+            raise ValueError("SolverRun.start was already called; make a new SolverRun to sample again.")
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor; got {type(x).__name__} {getattr(x, 'dtype', '')}.")
+        self._started = True
+        return self._advance(x / self.grid.sqrt_ab[0])
+
+    def send(self, eps: Tensor) -> Tensor:
+        """ε̂ at the pending model input; returns the next model input, or the final sample when :attr:`done`."""
+        if not self._started or self.done:
+            state = "the run is done" if self.done else "call start(x) first"
+            raise ValueError(f"SolverRun.send needs a pending evaluation; {state}.")
+        self.index += 1
+        return self._advance(eps)
+
+    def _advance(self, value: Tensor) -> Tensor:
+        try:
+            x, self.alpha_bar = self._gen.send(value)
+        except StopIteration as stop:
+            self.done, self.alpha_bar = True, None
+            final = self.final_alpha_bar
+            return stop.value * math.sqrt(final) if final != 1.0 else stop.value
+        return x
 
 
 def sample(
@@ -418,11 +473,15 @@ def sample(
         >>> bool(out.abs().max() < 1e-6)
         True
     """
-    _check_options(solver, options)
-    ab = validate_trajectory(alpha_bar, "alpha_bar")
-    final = _check_final(final_alpha_bar, ab)
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor; got {type(x).__name__} {getattr(x, 'dtype', '')}.")
-    g = _Grid(ab, final)
-    xt = _IMPL[solver](_Model(eps_fn, callback), x / g.sqrt_ab[0], g, **options)
-    return xt * math.sqrt(final) if final != 1.0 else xt
+    run = SolverRun(solver, alpha_bar, final_alpha_bar=final_alpha_bar, **options)
+    x = run.start(x)
+    while not run.done:
+        ab = run.alpha_bar
+        eps = eps_fn(x, ab)
+        if not torch.is_tensor(eps) or eps.shape != x.shape:
+            got = tuple(eps.shape) if torch.is_tensor(eps) else type(eps).__name__
+            raise ValueError(f"eps_fn must return a tensor shaped like x {tuple(x.shape)}; got {got}.")
+        if callback is not None:
+            callback({"x": x, "i": run.index, "alpha_bar": ab, "eps": eps})
+        x = run.send(eps)
+    return x

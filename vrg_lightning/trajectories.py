@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_text_file
 from .schedule import NoiseSchedule, _interp, alpha_bar_to_sigma, check_alpha_bar, sigma_to_alpha_bar
 
 __all__ = ["BASES", "make_trajectory", "validate_trajectory", "load_trajectory", "save_trajectory"]
@@ -102,7 +102,8 @@ def make_trajectory(
     Args:
         schedule: the model's noise schedule.
         base: one of :data:`BASES`.
-        steps: number of model evaluations N.
+        steps: number of model evaluations N, at most the schedule's ``num_train_timesteps`` (every base's values
+            lie in its trained range ``[ᾱ(t=T-1), ᾱ(t=0)]``).
         rho: Karras ρ.
         values: the ᾱ values for ``base="list"``.
         dtype: arithmetic precision of the DPM-Solver bases. ``torch.float32`` reproduces DPM-Solver's
@@ -123,6 +124,9 @@ def make_trajectory(
         return ab
     _check_steps(steps)
     T = schedule.num_train_timesteps
+    if steps > T:
+        raise ValueError(f"steps={steps} is more than the schedule can hold: base={base!r} on a schedule of "
+                         f"num_train_timesteps={T} (its trained noise levels) allows steps <= {T}.")
     if base in ("time_uniform", "time_quadratic", "logSNR"):
         return validate_trajectory(_dpm_solver_steps(schedule, base, steps, dtype), base)
     if base == "karras":
@@ -134,8 +138,6 @@ def make_trajectory(
         sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
         return validate_trajectory(sigma_to_alpha_bar(sig).flip(0), base)
     if base in ("trailing", "leading"):
-        if steps > T:
-            raise ValueError(f"base={base!r} needs steps <= num_train_timesteps={T}; got steps={steps}.")
         if base == "leading":
             ts = torch.arange(0, steps, dtype=torch.float64) * (T // steps)
         else:
@@ -165,7 +167,7 @@ def load_trajectory(path: str | os.PathLike) -> Tensor:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"Trajectory file {str(p)!r} does not exist.")
-    lines = p.read_text().splitlines()
+    lines = read_text_file(p, "Trajectory file", "alpha_bar values (one per line)").splitlines()
     vals: list[float] = []
     for n, line in enumerate(lines, 1):
         s = line.split("#", 1)[0].strip()

@@ -40,7 +40,6 @@ from .trajectories import validate_trajectory
 __all__ = [
     "cpe_paper",
     "cpe_paper_numpy",
-    "paper_term_numpy",
     "DDIM_LIKE",
     "EpsFn",
     "MSEFn",
@@ -85,14 +84,8 @@ def _paper_terms(alpha_bar: Tensor, mse: MSEFn, weights: Tensor | None = None) -
     return terms if weights is None else terms * weights
 
 
-def paper_term_numpy(s_prev: np.ndarray, s: np.ndarray, mse: np.ndarray) -> np.ndarray:
-    """One term ``(s - s_prev)² · MSE`` of :func:`cpe_paper` in numpy (broadcasting; the optimizer's grid search
-    scores every pair of consecutive steps with it)."""
-    return (s - s_prev) ** 2 * mse
-
-
 def cpe_paper_numpy(
-    alpha_bar: np.ndarray, mse: NumpyMSEFn, *, grad: bool = False, window: bool = False
+    alpha_bar: np.ndarray, mse: NumpyMSEFn, *, grad: bool = False, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`cpe_paper` of each row of ``alpha_bar`` ``[K, N]`` in float64 numpy, and optionally its gradient.
 
@@ -100,8 +93,7 @@ def cpe_paper_numpy(
         alpha_bar: trajectories, cleanest first (any values; non-finite results are the caller's to handle).
         mse: numpy MSE returning ``(MSE(ᾱ), dMSE/dᾱ)``, e.g. ``PiecewiseLinearMSE.value_and_grad``.
         grad: also return ``d cpe / d alpha_bar`` ``[K, N]``.
-        window: ``alpha_bar[:, 0]`` is the step before a window of consecutive steps: it only sets ``s_{i-1}`` of
-            the first term, so the result is the sum of the window's terms (values only).
+        weights: a weight per term (broadcast against ``alpha_bar``), as ``cpe_paper``'s.
 
     Returns:
         ``(cpe [K], gradient [K, N] or None)``.
@@ -112,20 +104,18 @@ def cpe_paper_numpy(
         >>> round(float(f[0]), 6), g.shape
         (0.555556, (1, 2))
     """
-    if grad and window:
-        raise ValueError("cpe_paper_numpy: grad=True needs window=False (the window form gives values only).")
     s = np.sqrt((1 - alpha_bar) / alpha_bar)
-    if window:
-        ds = np.diff(s, axis=-1)
-        return (ds**2 * mse(alpha_bar[:, 1:])[0]).sum(-1), None
-    ds = np.diff(s, axis=-1, prepend=0.0)
+    ds = s.copy()
+    ds[..., 1:] -= s[..., :-1]  # s_i - s_{i-1}, s_{-1} = 0
     m, dm = mse(alpha_bar)
-    f = (ds**2 * m).sum(-1)
+    if weights is not None:
+        m, dm = m * weights, dm * weights
+    f = (ds * ds * m).sum(-1)
     if not grad:
         return f, None
     ds_dab = -0.5 / (s * alpha_bar * alpha_bar)
-    g = 2 * ds * ds_dab * m + ds**2 * dm
-    g[:, :-1] -= 2 * ds[:, 1:] * ds_dab[:, :-1] * m[:, 1:]
+    g = 2 * ds * ds_dab * m + ds * ds * dm
+    g[..., :-1] -= 2 * ds[..., 1:] * ds_dab[..., :-1] * m[..., 1:]
     return f, g
 
 

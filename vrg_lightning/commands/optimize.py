@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MSE interpolation (default: paper for MSE tables, fit for measured profiles)")
     parser.add_argument("--trust", choices=TRUSTS, default=_D.trust, help=f"trust region (default: {_D.trust})")
     parser.add_argument("--pin-start", action="store_true", help="hold the noisiest alpha_bar exactly")
+    parser.add_argument("--extrapolate", action="store_true",
+                        help="let steps leave the schedule's trained alpha_bar range (the published optimizer has no "
+                             "range; the model was never trained there)")
     parser.add_argument("--out", metavar="FILE", help="write the optimized trajectory here (atomic)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file (never an input)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -69,16 +71,18 @@ def _schedule(args: argparse.Namespace, profile: Any) -> Any:
     return NoiseSchedule(**kw)
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    pa, pb = Path(a), Path(b)
-    return pa.resolve() == pb.resolve() or (pa.exists() and pb.exists() and pa.samefile(pb))
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..optimize import optimize_trajectory
+    from ..io import check_output_file
+    from ..optimize import optimize_trajectory, schedule_range
     from ..profile import load_profile
     from ..trajectories import load_trajectory, make_trajectory, save_trajectory
 
+    def check_out() -> None:
+        if args.out is not None:
+            check_output_file(args.out, {"--profile": args.profile, "--trajectory": args.trajectory},
+                              force=args.force, name="--out", force_hint="--force")
+
+    check_out()  # before the work, and again just before writing
     profile = load_profile(args.profile)
     if args.trajectory is not None:
         if args.steps is not None:
@@ -91,18 +95,12 @@ def run(args: argparse.Namespace) -> int:
         base = make_trajectory(_schedule(args, profile), args.base, args.steps)
         source = f"{args.base}:{args.steps}"
     mse_mode = args.mse_mode or ("paper" if profile.moments == 2 else "fit")
+    span = None if args.extrapolate else schedule_range(_schedule(args, profile))  # the trained range of ᾱ
     settings = OptimizeSettings(lp=args.lp, reg_lambda=args.reg_lambda, objective=args.objective, solver=args.solver,
-                                mse_mode=mse_mode, trust=args.trust, pin_start=args.pin_start)
-    if args.out is not None:
-        for name, path in (("--profile", args.profile), ("--trajectory", args.trajectory)):
-            if path is not None and _same_file(args.out, path):
-                raise ValueError(f"--out {args.out!r} is the {name} input; inputs are never overwritten.")
-        if Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out!r} is a folder; give a file name for the trajectory.")
-        if Path(args.out).exists() and not args.force:
-            raise FileExistsError(f"--out {args.out!r} exists; choose a new file or pass --force to replace it.")
+                                mse_mode=mse_mode, trust=args.trust, pin_start=args.pin_start, alpha_bar_range=span)
     result = optimize_trajectory(base, profile.mse_function(mse_mode), settings)
     if args.out is not None:
+        check_out()
         header = {"base": source, "profile": Path(args.profile).name, "solver": settings.solver,
                   "objective": settings.objective, "mse_mode": mse_mode, "lp": settings.lp,
                   "reg_lambda": settings.reg_lambda, "trust": settings.trust, "pin_start": settings.pin_start,

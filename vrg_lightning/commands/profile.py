@@ -5,12 +5,17 @@ Examples::
 
     vrg profile --ckpt runs/digits/checkpoints/last.ckpt --data digits --out digits_profiled.ckpt
     vrg profile --diffusers-dir ./ddpm-cifar10 --data cifar10 --data-root data --out cifar_vrg.ckpt --samples 8192
+    vrg profile --model nets/mlp.py:make --schedule linear --prediction-type epsilon --data train.pt --out mlp.pt
 
-``--ckpt``: a checkpoint of ``DiffusionModule``; the output is a copy of it whose ``vrg`` section holds the new
-profile and trajectories. ``--diffusers-dir``: a local ``UNet2DModel`` (``DIR`` or ``DIR/unet``) and its scheduler
-config (``DIR/scheduler/scheduler_config.json`` or ``DIR/scheduler_config.json``); the output holds the UNet
-weights (``state_dict``, prefix ``model.``), so ``vrg sample``/``load_denoiser`` can use it directly.
-The probe is :func:`vrg_lightning.probe.probe_profile` (stratified over noise levels, fixed seed).
+``--ckpt``: a checkpoint of ``DiffusionModule``, or of a LightningModule following the VRG protocol (its class
+recorded in the checkpoint, or given with ``--model package.module:Class``); the output is a copy of it whose
+``vrg`` section holds the new profile and trajectories. ``--diffusers-dir``: a local ``UNet2DModel`` (``DIR`` or
+``DIR/unet``) and its scheduler config, or a ``DDPMPipeline``/``DDIMPipeline`` folder; the output holds the UNet
+weights (``state_dict``, prefix ``model.``), so ``vrg sample``/``load_denoiser`` can use it directly. ``--model
+SPEC``: any ``nn.Module`` called as ``model(x, t)``; the output records the SPEC, schedule, prediction type and
+sample shape (not the weights): later commands take it with ``--model SPEC``. ``--data FILE.pt``: a tensor
+``[N, ...]`` of training samples in model space (it also gives the sample shape). The probe is
+:func:`vrg_lightning.probe.probe_profile` (stratified over noise levels, fixed seed).
 """
 
 from __future__ import annotations
@@ -20,17 +25,20 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..probe import PROBE_BATCH, PROBE_BINS, PROBE_SAMPLES
 from ._args import add_grid_arguments, grid_from_args
+from ._model import add_model_arguments, model_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="CKPT", help="checkpoint of vrg_lightning.module.DiffusionModule")
-    src.add_argument("--diffusers-dir", metavar="DIR", help="local diffusers UNet2DModel + scheduler config")
-    parser.add_argument("--data", required=True, metavar="NAME",
-                        help="probe images: digits, patches, cifar10 or folder:PATH")
+    parser.add_argument("--ckpt", metavar="CKPT", default=None,
+                        help="checkpoint of DiffusionModule or of a LightningModule following the VRG protocol")
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="NAME|FILE.pt",
+                        help="probe samples: digits, patches, cifar10, folder:PATH, or FILE.pt (a tensor [N, ...] of "
+                             "training samples in model space)")
     parser.add_argument("--data-root", default="data", help="root folder of cifar10 (default: data)")
     parser.add_argument("--out", required=True, metavar="FILE", help="new file to write (refused if it exists)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out (never the input)")
@@ -45,56 +53,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON (like `vrg inspect --json`)")
 
 
+def _first(dataset: Any) -> Any:
+    return dataset[0][0] if isinstance(dataset[0], (tuple, list)) else dataset[0]
+
+
+def _dataset(args: argparse.Namespace, shape: tuple[int, ...], dataset=None):
+    """The probe dataset of ``--data`` (``dataset``: already loaded), checked against the model's sample ``shape``."""
+    from ..data import load_dataset
+
+    if dataset is None and len(shape) != 3:
+        raise ValueError(f"--data {args.data!r} is a dataset of images but the model makes samples of shape {shape}; "
+                         "give --data FILE.pt (a tensor [N, ...] of training samples).")
+    if dataset is None:
+        dataset = load_dataset(args.data, root=args.data_root, image_size=shape[-1], download=False, seed=args.seed,
+                               channels=shape[0])
+    x0 = _first(dataset)
+    if tuple(x0.shape) != shape:
+        raise ValueError(f"--data {args.data!r} gives samples of shape {tuple(x0.shape)}; the model needs {shape} "
+                         "(--sample-shape, or the model's own).")
+    return dataset
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import VRG_KEY, build_vrg_state, load_checkpoint_file, load_denoiser, model_section
+    from ..checkpoint import VRG_KEY, build_vrg_state
     from ..data import load_dataset
-    from ..denoiser import load_diffusers_dir
-    from ..io import atomic_torch_save
+    from ..io import atomic_torch_save, check_output_file
     from ..optimize.entries import compute_entries
     from ..probe import probe_profile
     from ..report import format_report, inspect_checkpoint
 
+    if not (args.ckpt or args.model or args.diffusers_dir):
+        raise ValueError("vrg profile needs a model: --ckpt CKPT, --model SPEC or --diffusers-dir DIR.")
     out = Path(args.out)
-    src = Path(args.ckpt or args.diffusers_dir)
-    if out.exists() and out.resolve() == src.resolve():
-        raise ValueError(f"--out {args.out!r} is the input; vrg profile never modifies its input.")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"--out {args.out!r} exists; choose a new file or pass --force to replace it.")
+    src = args.ckpt or args.diffusers_dir or args.model
+    inputs = {"--ckpt": args.ckpt, "--data": args.data if Path(args.data).is_file() else None}
+    check_output_file(out, inputs, force=args.force, name="--out", force_hint="--force")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1; got {args.samples}.")
-    if args.ckpt:
-        ckpt = load_checkpoint_file(args.ckpt)
-        den, _ = load_denoiser(ckpt, use_ema=not args.no_ema)
-        model = dict((ckpt.get(VRG_KEY) or {}).get("model") or {})
-    else:
-        den, source = load_diffusers_dir(args.diffusers_dir)
-        ckpt = {"state_dict": {f"model.{k}": v.detach().cpu() for k, v in den.state_dict().items()}}
-        model = dict(model_section(den.config(), "model.", None), source=source)
+    data = load_dataset(args.data) if args.data.endswith(".pt") else None  # a file gives the sample shape
+    loaded = model_from_args(args, None if data is None else tuple(_first(data).shape), use_ema=not args.no_ema)
+    den = loaded.denoiser
+    dataset = _dataset(args, tuple(den.sample_shape), data)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     den = den.to(device).eval()
-    size = int(den.unet.config.sample_size)
-    dataset = load_dataset(args.data, root=args.data_root, image_size=size, download=False, seed=args.seed,
-                           channels=int(den.unet.config.in_channels))
-    x0 = dataset[0][0] if isinstance(dataset[0], (tuple, list)) else dataset[0]
-    want = (int(den.unet.config.in_channels), size, size)
-    if tuple(x0.shape) != want:
-        raise ValueError(f"--data {args.data!r} gives images of shape {tuple(x0.shape)}; the model needs {want}.")
     profile = probe_profile(den, dataset, den.schedule, num_samples=args.samples, num_bins=args.bins, seed=args.seed,
                             batch_size=args.batch_size, device=device)
     profile.meta.pop("rank", None)
     profile.meta.update({"data": args.data, "ema": not args.no_ema})
     grid = grid_from_args(args)
     entries = compute_entries(profile, den.schedule, grid) if grid.steps else []
-    result = dict(ckpt)
+    result = dict(loaded.checkpoint)
+    sections = dict(loaded.sections)
+    model = sections.pop("model", None)
     result[VRG_KEY] = build_vrg_state(den.schedule, profile, entries, prediction_type=den.prediction_type,
                                       model=model or None,
-                                      extra={"profiler": {"profile_source": "probe", "command": "vrg profile",
+                                      extra={**sections,
+                                             "profiler": {"profile_source": "probe", "command": "vrg profile",
                                                           "input": str(src), "samples": args.samples,
                                                           "seed": args.seed, "ema": not args.no_ema,
                                                           "optimize": grid.to_dict()}})
-    atomic_torch_save(out, result)
+    check_output_file(out, inputs, force=args.force, name="--out", force_hint="--force")  # again: it took a while
+    atomic_torch_save(out, result, overwrite=args.force)
     info = inspect_checkpoint(os.fspath(out))
     print(json.dumps(info) if args.json else format_report(info))
     if not args.json:

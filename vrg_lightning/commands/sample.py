@@ -20,6 +20,7 @@ from ..sampling.resolve import TRAJECTORY_NAMES
 from ..solvers import SOLVERS
 from ..variance import OBJECTIVES
 from ._args import add_list_argument
+from ._model import add_model_arguments, model_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lp", type=float, default=None, help="Pick the stored entry with this learning portion.")
     g.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance weight.")
     g.add_argument("--raw-weights", action="store_true", help="Use the raw training weights instead of EMA.")
+    add_model_arguments(p)
     g = p.add_argument_group("samples")
     g.add_argument("--num-samples", type=int, default=1000)
     g.add_argument("--batch-size", type=int, default=64, help="Images per solver call (does not change the images).")
@@ -47,12 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compare", action="store_true", help="Base vs VRG table (paired FID over --seeds, cpe).")
     g = p.add_argument_group("FID (computed when --reference is given)")
     g.add_argument("--reference", default=None,
-                   help="Real images: a dataset name (digits, patches, cifar10, folder:PATH) or a .pt file holding "
-                        "an image tensor [N, C, H, W] in [-1, 1].")
+                   help="Real samples: a dataset name (digits, patches, cifar10, folder:PATH) or a FILE.pt holding "
+                        "a tensor [N, ...] of samples of the model's shape (images in [-1, 1]).")
     g.add_argument("--reference-num", type=int, default=None, help="Number of real images (default: all).")
     g.add_argument("--data-root", default="data", help="Dataset root for --reference cifar10.")
-    g.add_argument("--features", default=None, choices=FEATURES,
-                   help="FID features. Default: digits for 1-channel images, else inception when "
+    g.add_argument("--features", default=None, metavar="NAME|SPEC",
+                   help=f"FID features: {', '.join(FEATURES)} or a SPEC (path/to/file.py:NAME, an nn.Module mapping "
+                        "samples [B, ...] to [B, D]). Default: digits for 1-channel images, else inception when "
                         "--inception-weights is given, else pixels.")
     g.add_argument("--inception-weights", default=None,
                    help="Local InceptionV3 weights file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth).")
@@ -109,55 +112,49 @@ def resolve_from_args(args: argparse.Namespace, schedule: Any, vrg: Any, solver:
     return traj
 
 
-def _reference_images(args: argparse.Namespace, shape: tuple[int, int, int]):
-    import torch
-
-    p = Path(args.reference)
-    if p.suffix == ".pt" and p.is_file():
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        x = obj.get("images", obj.get("samples")) if isinstance(obj, dict) else obj
-        if not torch.is_tensor(x):
-            raise ValueError(f"--reference {args.reference!r} holds no image tensor (or dict with 'images').")
-        x = x.float()[: args.reference_num]
-    else:
-        from ..data import load_real_images
-
-        x = load_real_images(args.reference, args.reference_num, root=args.data_root, image_size=shape[-1],
-                             channels=shape[0])
-    if tuple(x.shape[1:]) != shape:
-        raise ValueError(f"--reference images have shape {tuple(x.shape[1:])} but the model makes {shape}.")
-    return x
-
-
-def _fid_setup(args: argparse.Namespace, shape: tuple[int, int, int]):
+def _fid_setup(args: argparse.Namespace, shape: tuple[int, ...]):
     """``(extractor, reference stats, description)`` or ``(None, None, None)`` without --reference."""
-    from ..evaluation import build_features, reference_key, reference_stats
-    from ..sampling import file_sha256
+    from ..evaluation import build_features, reference_for
 
     if args.reference is None:
         if args.features or args.inception_weights:
             raise ValueError("--features/--inception-weights need --reference (the real images FID compares with).")
         return None, None, None
-    features = args.features or ("digits" if shape[0] == 1 else "inception" if args.inception_weights else "pixels")
-    ext = build_features(features, image_shape=shape, inception_weights=args.inception_weights)
-    src = Path(args.reference)
-    name = f"file-{file_sha256(src)[:16]}" if src.suffix == ".pt" and src.is_file() else args.reference  # by content
-    ref = reference_stats(reference_key(name, shape, args.reference_num), ext, lambda: _reference_images(args, shape),
-                          cache_dir=args.cache_dir, progress=not args.no_progress)
+    image = len(shape) == 3
+    features = args.features or ("digits" if image and shape[0] == 1 else "inception" if args.inception_weights
+                                 else "pixels")
+    try:
+        ext = build_features(features, image_shape=shape, inception_weights=args.inception_weights)
+    except ValueError as exc:
+        raise ValueError(f"--features {features}: {exc}") from exc
+    try:
+        ref = reference_for(args.reference, ext, shape, num=args.reference_num, cache_dir=args.cache_dir,
+                            root=args.data_root, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"--reference {args.reference}: {exc}") from exc
     return ext, ref, {"reference": args.reference, "num_reference": ref.n, "features": ext.name,
                       "weights_hash": ext.weights_hash}
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_denoiser
-    from ..sampling import file_sha256, image_shape
+    from ..sampling import file_sha256
+    from ..sampling.generate import sample_shape
 
     _positive(args, "num_samples", "batch_size", "shard_size", "reference_num", "num_nodes")
     devices = _devices(args.devices)
-    denoiser, vrg = load_denoiser(args.ckpt, use_ema=not args.raw_weights)
-    shape = image_shape(denoiser)
+    loaded = model_from_args(args, use_ema=not args.raw_weights)
+    denoiser, vrg = loaded.denoiser, loaded.vrg
+    shape = sample_shape(denoiser)
     sha = file_sha256(args.ckpt)
     common = {"checkpoint": {"path": str(args.ckpt), "sha256": sha, "weights": "raw" if args.raw_weights else "ema"}}
+    if args.model or args.diffusers_dir:  # the weights are not the file's: the samples' identity names the model
+        import hashlib
+
+        from ..evaluation.paired import model_key
+
+        key = model_key(denoiser)
+        common["checkpoint"].update(file_sha256=sha, sha256=hashlib.sha256(f"{sha}:{key}".encode()).hexdigest())
+        common["model"] = {"kind": loaded.kind, "spec": args.model, "diffusers_dir": args.diffusers_dir, "key": key}
     if args.compare:
         return _run_compare(args, denoiser, vrg, shape, common, devices)
     return _run_single(args, denoiser, vrg, shape, common, devices)
@@ -192,7 +189,9 @@ def _run_single(args, denoiser, vrg, shape, common, devices) -> int:
         if cpe:
             print(f"cpe[paper]={cpe['paper']:.6g}" + (f" cpe[solver]={cpe['solver']:.6g}" if cpe["solver"] else ""))
         if fid:
-            print(f"{fid['metric']}={fid['value']:.4f} ({fid['num_images']} images vs {fid['num_reference']} real)")
+            kept = " (kept from the earlier run over these samples)" if report.get("fid_kept") else ""
+            print(f"{fid['metric']}={fid['value']:.4f} ({fid['num_images']} images vs {fid['num_reference']} real)"
+                  f"{kept}")
     return 0
 
 
@@ -235,13 +234,12 @@ def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
                 "trajectory": traj_arg, "base": args.base, "objective": args.objective, "lp": args.lp,
                 "seeds": seeds, "num_samples": args.num_samples, "guidance_scale": args.guidance_scale,
                 "precision": args.precision, "weights": common["checkpoint"]["weights"], "fid": fid_desc}
-    check_manifest(out, identity, kind="compare")
     mse = None
     if "profile" in vrg:
         from ..profile import ErrorProfile
 
         mse = ErrorProfile.from_dict(vrg["profile"]).mse_function("fit")
-    rows = []
+    cells = []  # every cell resolved before the manifest claims the folder: a refused run leaves none behind
     for solver in solvers:
         for steps in steps_list:
             bases = list(args.trajectory) if args.trajectory else sorted(
@@ -249,18 +247,21 @@ def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
             for base in bases or [None]:  # no base: select_entry raises with the list of stored entries
                 try:
                     entry = select_entry(vrg, solver, steps, base=base, objective=args.objective, lp=args.lp)
+                    cells.append((solver, steps, base, entry, make_trajectory(denoiser.schedule, base, steps)))
                 except ValueError as exc:
                     where = f"--solver {solver} --steps {steps}" + (f" --trajectory {base}" if base else "")
                     raise ValueError(f"{where}: {exc}") from exc
-                print(f"compare {solver} {steps} steps {base}: base vs VRG over seeds {seeds}", file=sys.stderr)
-                rows.append(paired_compare(
-                    denoiser, solver, make_trajectory(denoiser.schedule, base, steps),
-                    torch.tensor(entry["alpha_bar"], dtype=torch.float64), extractor=ext, reference=ref,
-                    seeds=seeds, num_samples=args.num_samples, batch_size=args.batch_size,
-                    guidance_scale=args.guidance_scale, device=device, mse=mse,
-                    objective=args.objective or objective_for_cpe(entry.get("objective")), base=base,
-                    entry={k: entry.get(k) for k in ("objective", "lp", "cpe_before", "cpe_after", "validated")},
-                    cache_dir=out / "stats", progress=not args.no_progress))
+    check_manifest(out, identity, kind="compare")
+    rows = []
+    for solver, steps, base, entry, base_ab in cells:
+        print(f"compare {solver} {steps} steps {base}: base vs VRG over seeds {seeds}", file=sys.stderr)
+        rows.append(paired_compare(
+            denoiser, solver, base_ab, torch.tensor(entry["alpha_bar"], dtype=torch.float64), extractor=ext,
+            reference=ref, seeds=seeds, num_samples=args.num_samples, batch_size=args.batch_size,
+            guidance_scale=args.guidance_scale, device=device, mse=mse,
+            objective=args.objective or objective_for_cpe(entry.get("objective")), base=base,
+            entry={k: entry.get(k) for k in ("objective", "lp", "cpe_before", "cpe_after", "validated")},
+            cache_dir=out / "stats", progress=not args.no_progress))
     table = compare_markdown(rows)
     atomic_write_text(out / "compare.md", table)
     atomic_write_json(out / "compare.json", {"format": "vrg-compare-report", "version": 1, **common,

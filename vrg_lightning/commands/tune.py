@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..evaluation.features import FEATURES
 from ..evaluation.tune import PIN_CHOICES, RANK_CHOICES, TUNE_GRID, TuneSettings
 from ..optimize.settings import GRID_BASES
 from ..solvers import SOLVERS
 from ._args import add_grid_arguments, add_list_argument
+from ._model import add_model_arguments, model_from_args
 
 _D = TuneSettings()
 
@@ -27,12 +27,13 @@ _D = TuneSettings()
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="input checkpoint (with checkpoint['vrg']); never overwritten")
     p.add_argument("--out", required=True, help="the tuned checkpoint (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (never the input)")
     p.add_argument("--reference", default=None,
-                   help="real images for FID: digits, patches, cifar10, folder:PATH (default: digits for 1-channel "
-                        "models, else patches)")
-    p.add_argument("--features", default=None, choices=FEATURES,
-                   help="FID features (default: digits for 1-channel models, else pixels)")
+                   help="real samples for FID: digits, patches, cifar10, folder:PATH, or FILE.pt (a tensor [N, ...] "
+                        "of the model's sample shape); default: digits for 1-channel models, else patches")
+    p.add_argument("--features", default=None, metavar="NAME|SPEC",
+                   help=f"FID features: {', '.join(FEATURES)} or a SPEC (path/to/file.py:NAME, an nn.Module mapping "
+                        "samples [B, ...] to [B, D]); default: digits for 1-channel images, else pixels")
     p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for --features inception")
     add_list_argument(p, "--solvers", str, None, "solvers to tune (unset: those of the stored entries)", SOLVERS)
     add_list_argument(p, "--steps", int, None, "step counts (unset: those of the stored entries)")
@@ -52,15 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="reference / sample statistics cache (default ~/.cache)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the validated records as JSON")
+    add_model_arguments(p)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
     """The flag-level rules, worded as flags (the library raises the same errors in Python terms)."""
-    if Path(args.out).resolve() == Path(args.ckpt).resolve():
-        raise ValueError(f"--out {args.out!r} is the input checkpoint; tuning never overwrites its input. "
-                         "Give another path.")
-    if Path(args.out).exists() and (not args.force or Path(args.out).samefile(args.ckpt)):
-        raise FileExistsError(f"--out {args.out!r} already exists; pass --force to replace it (never the input).")
+    from ..io import check_output_file
+
+    check_output_file(args.out, {"--ckpt": args.ckpt}, force=args.force, name="--out", force_hint="--force")
     if args.features == "inception" and not args.inception_weights:
         raise ValueError("--features inception needs --inception-weights PATH (a local InceptionV3 weights file; "
                          "nothing is downloaded).")
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import load_checkpoint_file, read_vrg
+    from ..evaluation.features import default_features
     from ..evaluation.tune import checkpoint_settings, tune_checkpoint
 
     if args.threads is not None:
@@ -78,20 +79,25 @@ def run(args: argparse.Namespace) -> int:
     vrg = read_vrg(load_checkpoint_file(args.ckpt))
     if not vrg.get("entries") and None in (args.solvers, args.steps, args.bases):
         raise ValueError(f"{args.ckpt} stores no VRG entries; give --solvers, --steps and --bases.")
+    denoiser = model_from_args(args).denoiser
     flat = {"solvers": args.solvers, "steps": args.steps, "bases": args.bases, "lps": args.lps,
             "objectives": args.objectives, "reg_lambda": args.reg_lambda, "trust": args.trust,
             "mse_mode": args.mse_mode, "pin_start": args.pin_start, "fix": not args.no_fix,
             "num_samples": args.num_samples, "screen_seeds": args.seeds, "confirm_seeds": args.confirm_seeds,
-            "features": args.features, "confidence": args.confidence, "rank_by": args.rank_by,
+            "features": args.features or default_features("auto", tuple(denoiser.sample_shape)),
+            "confidence": args.confidence, "rank_by": args.rank_by,
             "batch_size": args.batch_size}
     settings = checkpoint_settings(vrg, flat)
     new = tune_checkpoint(args.ckpt, args.out, settings, args.reference, cache_dir=args.cache_dir, force=args.force,
-                          inception_weights=args.inception_weights, log=None if args.json else print)
-    tuned = [e for e in new["entries"] if isinstance(e.get("validated"), dict) and "screen" in e["validated"]]
+                          inception_weights=args.inception_weights, log=None if args.json else print,
+                          denoiser=denoiser)
+    cells = {(s, int(n), b) for s in settings.solvers for n in settings.steps for b in settings.bases}
+    tuned = [e for e in new["entries"] if (e["solver"], int(e["steps"]), e["base"]) in cells]  # this run's cells
     if args.json:
         print(json.dumps([{k: e.get(k) for k in ("solver", "steps", "base", "kind", "validated")} for e in tuned]))
     else:
         sel = sum(bool(e["validated"]["selected"]) for e in tuned)
-        print(f"{len(tuned)} cells tuned in {new['tune']['seconds']:.1f} s ({new['tune']['images_sampled']} images "
+        cells_txt = f"{len(tuned)} cell" + ("" if len(tuned) == 1 else "s")
+        print(f"{cells_txt} tuned in {new['tune']['seconds']:.1f} s ({new['tune']['images_sampled']} images "
               f"sampled): {sel} VRG trajectories selected, {len(tuned) - sel} bases kept. Wrote {args.out}")
     return 0

@@ -1,19 +1,22 @@
 """FID feature extractors: each has a ``name`` that every FID number carries (``FID[digits-classifier]``).
 
-Images are float tensors ``[N, C, H, W]`` in the model's data range ``[-1, 1]``.
+Images are float tensors ``[N, C, H, W]`` in the model's data range ``[-1, 1]``; ``pixels`` and modules take samples
+of any shape ``[N, ...]``.
 
 - ``"inception"``: InceptionV3 pool features (2048-d) of torch-fidelity, loaded from a LOCAL weights file
   (nothing is ever downloaded). Takes 3-channel images of any size (1-channel images are repeated to RGB).
 - ``"digits"``: penultimate layer (64-d) of a small CNN trained on scikit-learn's 8x8 digits
   (``scripts/train_digits_classifier.py``, shipped as ``vrg_lightning/assets/digits_classifier.pt``).
   Takes 1-channel images whose side is a multiple of 8 (average-pooled to 8x8).
-- ``"pixels"``: the raw pixels, flattened; fixed to one image shape.
-- any ``nn.Module`` mapping images to ``[N, d]`` (torchmetrics' int-or-Module style).
+- ``"pixels"``: the raw values, flattened; fixed to one sample shape (images or any other).
+- any ``nn.Module`` mapping samples to ``[N, d]`` (torchmetrics' int-or-Module style), also named by a SPEC
+  (``path/to/file.py:NAME`` or ``package.module:NAME``; ``--features SPEC``): the FID numbers then carry the SPEC.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -31,6 +34,7 @@ __all__ = [
     "PixelFeatures",
     "InceptionFeatures",
     "ModuleFeatures",
+    "features_from_spec",
     "build_features",
     "default_features",
     "hash_state_dict",
@@ -156,24 +160,29 @@ class DigitsFeatures(FeatureExtractor):
 
 
 class PixelFeatures(FeatureExtractor):
-    """Raw pixels, flattened (``C*H*W`` features) for one fixed image shape ``(C, H, W)``."""
+    """Raw values, flattened (``prod(shape)`` features), for one fixed sample shape: ``(C, H, W)`` images or any."""
 
     name = "pixels"
 
-    def __init__(self, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, image_shape: tuple[int, ...]) -> None:
         super().__init__()
-        if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
-            raise ValueError(f"image_shape must be (C, H, W) with positive sizes; got {tuple(image_shape)!r}.")
+        if len(image_shape) < 1 or any(int(s) < 1 for s in image_shape):
+            raise ValueError(f"image_shape must be a sample shape of positive sizes, e.g. (C, H, W); got "
+                             f"{tuple(image_shape)!r}.")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.channels = (self.image_shape[0],)
-        self.num_features = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
+        self.num_features = math.prod(self.image_shape)
 
     @property
     def weights_hash(self) -> str:
         return "x".join(map(str, self.image_shape))
 
     def check_input(self, images: Tensor) -> None:
-        super().check_input(images)
+        if len(self.image_shape) == 3:
+            super().check_input(images)
+        elif not torch.is_tensor(images) or not images.is_floating_point():
+            raise ValueError(f"pixels features need a float tensor [N, {', '.join(map(str, self.image_shape))}]; got "
+                             f"{type(images).__name__ if not torch.is_tensor(images) else images.dtype}.")
         if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"pixels features were set up for images of shape {self.image_shape}; got {tuple(images.shape[1:])}."
@@ -230,10 +239,20 @@ class InceptionFeatures(FeatureExtractor):
 
 
 class ModuleFeatures(FeatureExtractor):
-    """Any user ``nn.Module`` mapping images in [-1, 1] to ``[N, d]`` features."""
+    """Any user ``nn.Module`` mapping samples ``[N, ...]`` (in the data range) to ``[N, d]`` features.
+
+    Args:
+        module: the extractor (put in eval mode).
+        name: the label of its FID numbers (a SPEC when loaded from one; default ``module-<class>``).
+        num_features: ``d`` (default: the module's ``num_features``, else measured on one zero sample).
+        image_shape: the sample shape, to measure ``d`` and check what the module returns.
+
+    Raises:
+        ValueError: ``d`` cannot be found, or the module does not map a sample to ``[1, d]``.
+    """
 
     def __init__(self, module: nn.Module, name: str | None = None, num_features: int | None = None,
-                 image_shape: tuple[int, int, int] | None = None) -> None:
+                 image_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.net = module.eval()
         self.name = name or f"module-{type(module).__name__}"
@@ -246,40 +265,73 @@ class ModuleFeatures(FeatureExtractor):
                         "attribute or pass image_shape=(C, H, W)."
                     )
                 with torch.no_grad():
-                    n = module(torch.zeros(1, *image_shape)).shape[-1]
+                    out = module(torch.zeros(1, *image_shape))
+                if not torch.is_tensor(out) or out.ndim != 2 or out.shape[0] != 1:
+                    got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+                    raise ValueError(f"features {self.name!r} must map samples [B, ...] to features [B, D]; for one "
+                                     f"sample of shape {tuple(image_shape)} it returned {got}.")
+                n = out.shape[-1]
             num_features = int(n)
         self.num_features = num_features
         self.channels = tuple(range(1, 65))
+
+    def check_input(self, images: Tensor) -> None:
+        if not torch.is_tensor(images) or images.ndim < 2 or not images.is_floating_point():
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"features {self.name!r} need a float batch [N, ...] of samples; got {got}.")
 
     def extract(self, images: Tensor) -> Tensor:
         return self.net(images).reshape(images.shape[0], -1)
 
 
+def features_from_spec(spec: str, image_shape: tuple[int, ...] | None = None) -> ModuleFeatures:
+    """The :class:`ModuleFeatures` named by a SPEC (an ``nn.Module``, its class, or a callable returning one),
+    named by the SPEC.
+
+    Raises:
+        FileNotFoundError, ValueError: the SPEC does not load (:func:`vrg_lightning.models.import_spec`), or what it
+            gives does not map samples to ``[B, D]``.
+    """
+    from ..models.spec import build_module, import_spec
+
+    module = build_module(import_spec(spec, "features"), spec, "features")
+    return ModuleFeatures(module.requires_grad_(False), name=spec, image_shape=image_shape)
+
+
 def build_features(
     features: str | nn.Module | FeatureExtractor,
     *,
-    image_shape: tuple[int, int, int] | None = None,
+    image_shape: tuple[int, ...] | None = None,
     inception_weights: str | os.PathLike | None = None,
 ) -> FeatureExtractor:
-    """Feature extractor from a name in :data:`FEATURES` or a module.
+    """Feature extractor from a name in :data:`FEATURES`, a SPEC or a module.
 
     Args:
-        features: ``"digits"``, ``"pixels"``, ``"inception"``, a :class:`FeatureExtractor` or any ``nn.Module``.
-        image_shape: ``(C, H, W)``, needed by ``"pixels"`` (and modules without ``num_features``).
+        features: ``"digits"``, ``"pixels"``, ``"inception"``, a SPEC (``path/to/file.py:NAME`` or
+            ``package.module:NAME``), a :class:`FeatureExtractor` or any ``nn.Module``.
+        image_shape: the sample shape, ``(C, H, W)`` for images; needed by ``"pixels"`` (and modules without
+            ``num_features``); ``digits`` and ``inception`` refuse samples that are not images.
         inception_weights: local InceptionV3 weights file for ``"inception"``.
 
     Raises:
-        ValueError: unknown name, or ``"pixels"`` without ``image_shape``.
-        FileNotFoundError: missing weights file.
+        ValueError: unknown name, ``"pixels"`` without ``image_shape``, image features for non-image samples, or a
+            SPEC that does not load.
+        FileNotFoundError: missing weights file (or SPEC file).
 
     Example:
-        >>> build_features("pixels", image_shape=(1, 8, 8)).name
-        'pixels'
+        >>> build_features("pixels", image_shape=(1, 8, 8)).name, build_features("pixels", image_shape=(5,)).name
+        ('pixels', 'pixels')
     """
+    from ..models.spec import is_spec
+
     if isinstance(features, FeatureExtractor):
         return features
     if isinstance(features, nn.Module):
         return ModuleFeatures(features, image_shape=image_shape)
+    if features in ("digits", "inception") and image_shape is not None and len(image_shape) != 3:
+        raise ValueError(f"features {features!r} take images (C, H, W) but the samples have shape "
+                         f"{tuple(image_shape)}; use 'pixels' or a features SPEC (path/to/file.py:NAME, an nn.Module "
+                         "mapping samples [B, ...] to [B, D]).")
     if features == "digits":
         return DigitsFeatures()
     if features == "pixels":
@@ -288,16 +340,24 @@ def build_features(
         return PixelFeatures(image_shape)
     if features == "inception":
         return InceptionFeatures(inception_weights)
-    raise ValueError(f"Unknown features {features!r}; allowed: {', '.join(FEATURES)} or an nn.Module.")
+    if is_spec(features):
+        return features_from_spec(features, image_shape)
+    raise ValueError(f"Unknown features {features!r}; allowed: {', '.join(FEATURES)}, a SPEC (path/to/file.py:NAME "
+                     "or package.module:NAME) or an nn.Module.")
 
 
-def default_features(features: str, channels: int) -> str:
-    """Resolve ``auto`` FID features: the digits classifier for 1-channel images, raw pixels otherwise.
+def default_features(features: str, channels: int | tuple[int, ...]) -> str:
+    """Resolve ``auto`` FID features: the digits classifier for 1-channel images, raw pixels otherwise (``channels``:
+    the channel count, or the whole sample shape, where a shape that is not ``(C, H, W)`` means pixels).
 
     Example:
         >>> default_features("auto", 1), default_features("auto", 3), default_features("inception", 1)
         ('digits', 'pixels', 'inception')
+        >>> default_features("auto", (1, 16, 16)), default_features("auto", (1,))
+        ('digits', 'pixels')
     """
     if features != "auto":
         return features
+    if not isinstance(channels, int):
+        channels = int(channels[0]) if len(channels) == 3 else 0
     return "digits" if channels == 1 else "pixels"

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, load_torch_file
 from .features import FeatureExtractor
 
 __all__ = [
@@ -300,10 +300,10 @@ def reference_stats(
     path = Path(cache_dir or default_cache_dir()) / "fid-stats" / name
     if path.is_file():
         try:
-            stats = FeatureStats.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+            stats = FeatureStats.from_dict(load_torch_file(path, "Reference statistics file"))
             check_stats(stats, extractor)
             return stats
-        except (ValueError, KeyError, RuntimeError):
+        except (ValueError, KeyError, RuntimeError, TypeError):
             pass  # unreadable or stale entry: recompute and replace it
     stats = feature_stats(images(), extractor, batch_size=batch_size, progress=progress,
                           desc=f"reference stats ({dataset})")

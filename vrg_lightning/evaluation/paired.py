@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, load_torch_file
 from .features import FeatureExtractor, hash_state_dict
 from .fid import FeatureStats, check_stats, feature_stats, fid_from_stats
 
@@ -89,9 +89,9 @@ class FIDEvaluator:
 
     def _load(self, path: Path) -> FeatureStats | None:
         try:
-            stats = FeatureStats.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+            stats = FeatureStats.from_dict(load_torch_file(path, "Statistics cache file"))
             check_stats(stats, self.extractor)
-        except (OSError, ValueError, KeyError, RuntimeError):
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError):
             return None  # unreadable or foreign file: evaluate again and replace it
         return stats if stats.n == self.num_samples else None
 

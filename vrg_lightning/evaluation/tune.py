@@ -31,10 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.spec import is_spec
 from ..optimize.settings import TrajectoryGrid, grid_fields
 from .features import FEATURES, FeatureExtractor, build_features, default_features
 from .fid import FeatureStats, feature_stats
 from .paired import FIDEvaluator, trajectory_key
+from .reference import reference_for
 
 __all__ = ["PIN_CHOICES", "RANK_CHOICES", "TUNE_GRID", "TuneSettings", "Candidate", "make_candidates", "tune_cell",
            "tune_on_dataset", "tune_in_fit",
@@ -71,7 +73,7 @@ class TuneSettings:
         pin_start: ``"free"``, ``"pinned"`` or ``"both"`` (start held by ``reg_lambda`` / exactly).
         fix: add the damped + discretisation-aware candidates (DDIM-like solvers only).
         num_samples: images per FID; screen_seeds / confirm_seeds: the two disjoint seed sets.
-        features: FID features (:data:`~.features.FEATURES`; ``auto``: :func:`~.features.default_features`).
+        features: FID features (:data:`~.features.FEATURES` or a SPEC; ``auto``: :func:`~.features.default_features`).
         confidence: of the paired-difference interval.
         rank_by: screening rule, ``"upper"`` (lowest upper confidence bound) or ``"mean"`` (lowest mean).
         batch_size: images per solver call.
@@ -108,8 +110,9 @@ class TuneSettings:
             raise ValueError("grid.pin_start must be False; choose the starts with pin_start='pinned' or 'both'.")
         for name, value, allowed in (("pin_start", self.pin_start, PIN_CHOICES), ("rank_by", self.rank_by,
                                      RANK_CHOICES), ("features", self.features, ("auto", *FEATURES))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
+            if value not in allowed and not (name == "features" and is_spec(value)):
+                spec = " or a SPEC (path/to/file.py:NAME, package.module:NAME)" if name == "features" else ""
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}{spec}; got {value!r}.")
         object.__setattr__(self, "screen_seeds", _ints("screen_seeds", self.screen_seeds, 0))
         object.__setattr__(self, "confirm_seeds", _ints("confirm_seeds", self.confirm_seeds, 0))
         if set(self.screen_seeds) & set(self.confirm_seeds):
@@ -215,10 +218,11 @@ def make_candidates(
     """The base of a cell first, then its distinct alternatives (identical trajectories appear once).
 
     Optimisations go through :func:`vrg_lightning.optimize.entries.optimize_cached`: ``cache`` (a dict) shares
-    results between cells (the paper objective does not depend on the solver).
+    results between cells (the paper objective does not depend on the solver); every candidate keeps its steps in
+    the schedule's trained range (:func:`~vrg_lightning.optimize.entries.grid_settings`).
     """
     from ..optimize.discretization import optimize_disc
-    from ..optimize.entries import cache_key, optimize_cached, result_fields, settings_fields
+    from ..optimize.entries import cache_key, grid_settings, optimize_cached, result_fields, settings_fields
     from ..trajectories import make_trajectory
     from ..variance import DDIM_LIKE
 
@@ -239,12 +243,12 @@ def make_candidates(
         grid, start = settings.grid.replace(pin_start=pin), "pinned" if pin else "free"
         for lp in settings.lps:
             for obj in settings.objectives:
-                st = grid.settings(solver, lp, "paper" if obj == "solver" and ddim_like else obj)
+                st = grid_settings(grid, schedule, solver, lp, "paper" if obj == "solver" and ddim_like else obj)
                 r = optimize_cached(base_ab, mse_fn, st, cache)
                 add(f"vrg:{obj}:lp={lp:g}:{start}", "vrg", r.alpha_bar.tolist(),
                     {**settings_fields(st, objective=obj), **result_fields(r, _COSTS)})
             if settings.fix and ddim_like and curvature is not None:
-                st = grid.settings(solver, lp, "paper")
+                st = grid_settings(grid, schedule, solver, lp, "paper")
                 key = cache_key(base_ab, st, "disc")
                 if key not in cache:
                     cache[key] = optimize_disc(base_ab, mse_fn, curvature, st, damping=True,
@@ -409,21 +413,6 @@ def tune_in_fit(trainer: Any, denoiser: Any, vrg: Mapping[str, Any] | None, sett
     return trainer.strategy.broadcast(result, src=0)
 
 
-def reference_for(dataset: str, extractor: FeatureExtractor, shape: tuple[int, int, int], *, num: int | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> FeatureStats:
-    """Cached reference statistics of a dataset's real images (``digits``, ``patches``, ``cifar10``, ``folder:..``)."""
-    from ..data import load_real_images
-    from .fid import reference_key, reference_stats
-
-    def images() -> Tensor:
-        x = load_real_images(dataset, num, image_size=shape[-1], channels=shape[0])
-        if tuple(x.shape[1:]) != tuple(shape):
-            raise ValueError(f"reference {dataset!r} images have shape {tuple(x.shape[1:])}; the model makes {shape}.")
-        return x
-
-    return reference_stats(reference_key(dataset, shape, num), extractor, images, cache_dir=cache_dir, progress=False)
-
-
 def checkpoint_settings(vrg: Mapping[str, Any], changes: Mapping[str, Any] | None = None) -> TuneSettings:
     """:class:`TuneSettings` for a checkpoint's ``vrg`` section: the flat ``changes``, with ``solvers``/``steps``/
     ``bases`` that are missing or ``None`` taken from the stored entries (in stored order) and ``features="auto"``
@@ -449,7 +438,7 @@ def checkpoint_settings(vrg: Mapping[str, Any], changes: Mapping[str, Any] | Non
 def tune_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, settings: TuneSettings,
                     reference: str | None = None, *, cache_dir: str | os.PathLike | None = None,
                     log: Callable[[str], None] | None = None, inception_weights: str | os.PathLike | None = None,
-                    force: bool = False) -> dict[str, Any]:
+                    force: bool = False, denoiser: Any = None) -> dict[str, Any]:
     """``vrg tune``: read ``ckpt``, tune, write the whole checkpoint with the new ``vrg`` section to ``out``
     (atomically; ``out`` must differ from ``ckpt``). Returns the new ``vrg`` section.
 
@@ -458,26 +447,25 @@ def tune_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, settings: T
             for 1-channel models, else ``patches``).
         cache_dir: reference statistics and (under ``tune-stats/``) the paired evaluator's statistics.
         force: replace an existing ``out`` (never ``ckpt``).
+        denoiser: the model to tune (:func:`vrg_lightning.models.load_model`; default: the one ``ckpt`` holds).
 
     Raises:
-        ValueError: ``out`` is ``ckpt``. FileExistsError: ``out`` exists and ``force`` is False.
+        ValueError: ``out`` is ``ckpt`` (the same path or a link to it) or a folder.
+        FileExistsError: ``out`` exists and ``force`` is False (also when it appears while tuning runs).
     """
     from ..checkpoint import VRG_KEY, load_checkpoint_file, load_denoiser, read_vrg
-    from ..io import atomic_torch_save
+    from ..io import atomic_torch_save, check_output_file
     from ..sampling import image_shape
     from .features import build_features
 
-    if Path(out).resolve() == Path(ckpt).resolve():
-        raise ValueError(f"out {str(out)!r} is the input checkpoint ckpt; tuning never overwrites its input. "
-                         "Give another out path.")
-    if Path(out).exists() and (not force or Path(out).samefile(ckpt)):
-        raise FileExistsError(f"out {str(out)!r} exists; pass force=True to replace it (never the input ckpt).")
+    check_output_file(out, {"ckpt": ckpt}, force=force)
     raw = load_checkpoint_file(ckpt)
-    denoiser, _ = load_denoiser(raw)
+    if denoiser is None:
+        denoiser, _ = load_denoiser(raw)
     vrg = read_vrg(raw)
     shape = image_shape(denoiser)
     reference = reference or ("digits" if shape[0] == 1 else "patches")
-    ext = build_features(default_features(settings.features, shape[0]), image_shape=shape,
+    ext = build_features(default_features(settings.features, shape), image_shape=shape,
                          inception_weights=inception_weights)
     ref = reference_for(reference, ext, shape, cache_dir=cache_dir)
     new = tune_vrg(denoiser, vrg, settings, ext, ref, log=log,
@@ -485,6 +473,7 @@ def tune_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, settings: T
     new["tune"]["reference"] = reference
     new["tune"]["input"] = str(ckpt)
     raw[VRG_KEY] = {**raw[VRG_KEY], **new}
-    atomic_torch_save(out, raw)
+    check_output_file(out, {"ckpt": ckpt}, force=force)  # again: tuning takes a while
+    atomic_torch_save(out, raw, overwrite=force)
     return new
 

@@ -1,20 +1,33 @@
 """The VRG optimizer: settings and the trajectory grid (:mod:`.settings`), variables and trust region
-(:mod:`.variables`), the search (:mod:`.search`), grid entries for checkpoints (:mod:`.entries`) and the
-discretisation-aware objective (:mod:`.discretization`)."""
+(:mod:`.variables`), the loss in the variables (:mod:`.problem`), dynamic programming along the chain of steps
+(:mod:`.chain`), the search (:mod:`.search`) and its solver-aware trust-region loop (:mod:`.surrogate`), grid
+entries for checkpoints (:mod:`.entries`) and the discretisation-aware objective (:mod:`.discretization`)."""
 
 from .discretization import DiscResult, optimize_disc
 from .entries import (
     RESULT_KEYS,
     SETTING_KEYS,
+    EntryCache,
     cache_key,
     compute_entries,
+    grid_settings,
     make_entry,
     optimize_cached,
     result_fields,
     settings_fields,
 )
-from .search import SearchProblem, optimize_trajectory, optimize_with_profile, trajectory_loss
-from .settings import GRID_BASES, MSE_MODES, TRUSTS, OptimizeResult, OptimizeSettings, TrajectoryGrid, grid_fields
+from .problem import SearchProblem
+from .search import optimize_trajectory, optimize_with_profile, trajectory_loss
+from .settings import (
+    GRID_BASES,
+    MSE_MODES,
+    TRUSTS,
+    OptimizeResult,
+    OptimizeSettings,
+    TrajectoryGrid,
+    grid_fields,
+    schedule_range,
+)
 from .variables import Variables, trust_bounds
 
 __all__ = [
@@ -25,6 +38,7 @@ __all__ = [
     "OptimizeSettings",
     "TrajectoryGrid",
     "grid_fields",
+    "schedule_range",
     "optimize_trajectory",
     "optimize_with_profile",
     "trajectory_loss",
@@ -41,4 +55,6 @@ __all__ = [
     "result_fields",
     "make_entry",
     "compute_entries",
+    "grid_settings",
+    "EntryCache",
 ]

@@ -252,7 +252,8 @@ def optimize_disc(
     ``alpha`` trust, the last ratio is whatever holds the noisiest ᾱ (the other ratios keep their boxes).
 
     L-BFGS-B over the optimizer's variables (log α_i for ``alpha`` trust, λ_i for ``logsnr``), from the base and
-    each of ``starts`` (clipped into the box). Never worse than the base.
+    each of ``starts`` (clipped into the box); the result is restored into ``settings.alpha_bar_range``
+    (:meth:`~vrg_lightning.optimize.variables.Variables.restore_range`). Never worse than the base.
 
     Returns:
         :class:`DiscResult`.
@@ -304,8 +305,9 @@ def optimize_disc(
     for s in (ab0, *starts):
         y = np.clip(var.from_alpha_bar(validate_trajectory(s, "start")), lo, hi)
         res = minimize(fg, y, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": max_iter})
+        x = np.clip(res.x, lo, hi) if settings.pin_start else var.restore_range(res.x)  # the trained range
         with torch.no_grad():
-            ab = to_ab(torch.as_tensor(res.x, dtype=torch.float64))
+            ab = to_ab(torch.as_tensor(x, dtype=torch.float64))
             f = float(parts(ab)[2]) if ok(ab) else math.inf
         if f < best_f:
             best_ab, best_f = ab, f

@@ -24,7 +24,8 @@ from ..solvers import SOLVERS
 from ..trajectories import BASES
 from ..variance import OBJECTIVES
 
-__all__ = ["TRUSTS", "MSE_MODES", "GRID_BASES", "OptimizeSettings", "OptimizeResult", "TrajectoryGrid", "grid_fields"]
+__all__ = ["TRUSTS", "MSE_MODES", "GRID_BASES", "OptimizeSettings", "OptimizeResult", "TrajectoryGrid", "grid_fields",
+           "schedule_range"]
 
 TRUSTS = ("alpha", "logsnr")
 MSE_MODES = ("paper", "fit")
@@ -45,8 +46,12 @@ class OptimizeSettings:
         trust: ``"alpha"`` (the paper's per-step ratio box) or ``"logsnr"`` (a box per step in λ).
         pin_start: hold the noisiest ᾱ exactly instead of penalising its change.
         global_grid: grid size of the global dynamic-programming start (0: start from the base only).
-        max_rounds: upper bound on the smooth-phase / polish rounds per start.
+        max_rounds: upper bound on the rounds of a search (smooth phase + grid refinement per start; surrogate
+            steps of the solver-aware objective).
         tol: relative loss improvement below which a round counts as no progress.
+        alpha_bar_range: ``(lo, hi)``, the ᾱ interval the steps must stay in, e.g. the schedule's trained range
+            ``(schedule.alpha_bar_min, schedule.alpha_bar_max)`` (:func:`schedule_range`); ``None``: only (0, 1).
+            A base step outside it is never moved further out.
     """
 
     lp: float = 0.01
@@ -56,9 +61,10 @@ class OptimizeSettings:
     mse_mode: str = "fit"
     trust: str = "alpha"
     pin_start: bool = False
-    global_grid: int = 400
+    global_grid: int = 200
     max_rounds: int = 30
     tol: float = 1e-9
+    alpha_bar_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         lp = self.lp
@@ -82,16 +88,40 @@ class OptimizeSettings:
             raise ValueError(f"tol must be a number in [0, 1); got {self.tol!r}.")
         object.__setattr__(self, "lp", float(lp))
         object.__setattr__(self, "reg_lambda", float(lam))
+        object.__setattr__(self, "alpha_bar_range", _check_range(self.alpha_bar_range))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON- and checkpoint-safe)."""
-        return asdict(self)
+        """Plain dict (JSON- and checkpoint-safe; ``alpha_bar_range`` as a list or ``None``)."""
+        d = asdict(self)
+        d["alpha_bar_range"] = None if self.alpha_bar_range is None else list(self.alpha_bar_range)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OptimizeSettings:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing keys take their defaults."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_range(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 < value[0] < value[1] < 1:
+        raise ValueError(f"alpha_bar_range must be None or two numbers (lo, hi) with 0 < lo < hi < 1; got {value!r}.")
+    return float(value[0]), float(value[1])
+
+
+def schedule_range(schedule: Any) -> tuple[float, float]:
+    """The trained ᾱ range of a noise schedule, ``(ᾱ(t=T-1), ᾱ(t=0))``, for ``OptimizeSettings.alpha_bar_range``.
+
+    Example:
+        >>> from vrg_lightning.schedule import NoiseSchedule
+        >>> [round(v, 10) for v in schedule_range(NoiseSchedule())]
+        [4.03583e-05, 0.9999]
+    """
+    return float(schedule.alpha_bar_min), float(schedule.alpha_bar_max)
 
 
 @dataclass

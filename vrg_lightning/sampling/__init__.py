@@ -1,7 +1,7 @@
 """Sampling with stored trajectories.
 
 - :mod:`.seeds`: per-index noise and labels (:func:`sample_seed`, :func:`initial_noise`, :func:`sample_labels`).
-- :mod:`.generate`: the one generator (:func:`generate`, :func:`image_shape`).
+- :mod:`.generate`: the one generator (:func:`generate`, :func:`sample_shape`; ``image_shape`` is its earlier name).
 - :mod:`.resolve`: which trajectory to sample (:class:`Trajectory`, :func:`resolve_trajectory`,
   :func:`trajectory_cpe`).
 - :mod:`.job`: the distributed, resumable job (:class:`SampleJob`, :class:`SamplingModule`, :class:`ShardWriter`,
@@ -17,14 +17,14 @@ import importlib
 from typing import Any
 
 from ..checkpoint import select_entry as select_vrg_entry  # the earlier name of the one entry lookup
-from .generate import generate, image_shape
+from .generate import generate, image_shape, sample_shape
 from .resolve import TRAJECTORY_NAMES, Trajectory, resolve_trajectory, trajectory_cpe
 from .seeds import initial_noise, sample_labels, sample_seed
 
 _JOB = ("REPORT_FORMAT", "MANIFEST_FORMAT", "SampleJob", "SamplingModule", "ShardWriter", "file_sha256",
         "shard_ranges", "shard_path", "load_samples", "check_manifest", "run_sampling_job")
 
-__all__ = ["sample_seed", "initial_noise", "sample_labels", "image_shape", "generate", "Trajectory",
+__all__ = ["sample_seed", "initial_noise", "sample_labels", "sample_shape", "image_shape", "generate", "Trajectory",
            "TRAJECTORY_NAMES", "select_vrg_entry", "resolve_trajectory", "trajectory_cpe", *_JOB]
 
 

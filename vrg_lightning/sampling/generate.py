@@ -10,19 +10,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.base import device_dtype
 from ..solvers import sample as solver_sample
 from ..trajectories import validate_trajectory
 from .seeds import initial_noise
 
-__all__ = ["image_shape", "generate"]
+__all__ = ["sample_shape", "image_shape", "generate"]
 
 
-def image_shape(denoiser: Any) -> tuple[int, int, int]:
-    """``(C, H, W)`` of a :class:`~vrg_lightning.denoiser.Denoiser`'s samples."""
-    cfg = denoiser.unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(cfg.in_channels), int(h), int(w)
+def sample_shape(denoiser: Any) -> tuple[int, ...]:
+    """The shape of one sample of a denoiser (:mod:`vrg_lightning.models.base`): ``(C, H, W)`` for images, any
+    shape otherwise.
+
+    Raises:
+        ValueError: the object has no ``sample_shape``.
+    """
+    shape = getattr(denoiser, "sample_shape", None)
+    if shape is None:
+        raise ValueError(f"{type(denoiser).__name__} has no sample_shape; give a denoiser of the protocol in "
+                         "vrg_lightning.models (load_model builds one).")
+    return tuple(int(s) for s in shape)
+
+
+image_shape = sample_shape  # the earlier name (models were UNets)
 
 
 @torch.no_grad()
@@ -40,7 +50,9 @@ def generate(
     progress: bool = False,
     **solver_options: Any,
 ) -> Tensor:
-    """Samples ``start .. start+num_samples-1`` of ``seed`` in one process, clamped to [-1, 1] (float32, CPU).
+    """Samples ``start .. start+num_samples-1`` of ``seed`` in one process (float32, CPU), of any sample shape, clamped
+    to ``[-r, r]`` with ``r = denoiser.clip_range`` (1 for the toolkit's UNets: images in [-1, 1]; ``None``: not
+    clamped).
 
     The starting noise and labels depend only on ``(seed, index)``; the solver runs in the denoiser's dtype. Images
     equal the distributed job's for the same seed and indices. With the same batch size and threads per process
@@ -49,11 +61,11 @@ def generate(
     ``--precision 64-true``) agrees to ~1e-13.
 
     Args:
-        denoiser: a :class:`~vrg_lightning.denoiser.Denoiser` (``eps_fn``, ``num_classes``, ``unet``).
+        denoiser: a denoiser (:mod:`vrg_lightning.models.base`: ``eps_fn``, ``num_classes``, ``sample_shape``).
         alpha_bar: the trajectory (ᾱ, cleanest first).
         solver: one of :data:`vrg_lightning.solvers.SOLVERS`.
         num_samples, seed, start: which samples (indices ``start..start+num_samples-1`` of ``seed``).
-        batch_size: images per solver call.
+        batch_size: samples per solver call.
         guidance_scale: classifier-free guidance weight (class-conditional models).
         device: where to run (default: the denoiser's device).
         progress: a tqdm bar over the batches.
@@ -68,16 +80,18 @@ def generate(
     for name, v, lo in (("num_samples", num_samples, 0), ("batch_size", batch_size, 1), ("start", start, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}.")
-    param = next(denoiser.parameters())
-    dev = torch.device(device) if device is not None else param.device
+    own_device, dtype = device_dtype(denoiser)
+    dev = torch.device(device) if device is not None else own_device
     ab = validate_trajectory(alpha_bar).cpu()  # CPU coefficients and timesteps: no GPU sync per step
-    shape = image_shape(denoiser)
+    shape = sample_shape(denoiser)
+    clip = getattr(denoiser, "clip_range", 1.0)
     out = []
     for a in tqdm(range(start, start + num_samples, batch_size), desc=f"sampling {solver}", disable=not progress,
                   leave=False):
         b = min(a + batch_size, start + num_samples)
         x, labels = initial_noise(seed, a, b, shape, denoiser.num_classes)
         eps_fn = denoiser.eps_fn(None if labels is None else labels.to(dev), guidance_scale)
-        x = x.to(dev, param.dtype)
-        out.append(solver_sample(solver, eps_fn, x, ab, **solver_options).clamp(-1, 1).float().cpu())
+        x = x.to(dev, dtype)
+        x = solver_sample(solver, eps_fn, x, ab, **solver_options)
+        out.append((x if clip is None else x.clamp(-clip, clip)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)

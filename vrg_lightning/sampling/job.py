@@ -2,10 +2,13 @@
 
 :func:`run_sampling_job` runs ``trainer.predict`` of a :class:`SamplingModule` over index ranges ("shards"); a
 :class:`ShardWriter` (a :class:`~lightning.pytorch.callbacks.BasePredictionWriter`) saves each shard atomically as
-``shards/samples_<start>-<end>.pt``. ``manifest.json`` records everything that determines the samples
-(:class:`SampleJob`): a rerun with the same arguments skips finished shards, one with different arguments into the
+``shards/samples_<start>-<end>.pt`` with the sha256 of its tensors. ``manifest.json`` records everything that
+determines the samples (:class:`SampleJob`); it is written once the job's arguments and the Trainer settings have
+been checked, so a run refused for bad arguments leaves no manifest behind. A rerun with the same arguments skips
+the shards that load and match their checksum (any other is sampled again), one with different arguments into the
 same folder is refused. After a barrier every rank extracts FID features of its share of the shards, the float64
-feature sums are reduced across ranks, and rank 0 writes ``grid.png`` and ``report.json``.
+feature sums are reduced across ranks, and rank 0 verifies every shard and writes ``grid.png`` and ``report.json``
+(with the shards' checksums). A rerun without FID keeps the FID of an earlier report over the same shards.
 
 Both classes live at module level and hold only picklable state, so every Lightning strategy works, ``ddp_spawn``
 and notebooks included.
@@ -27,7 +30,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from ..io import atomic_torch_save, atomic_write_json
+from ..io import atomic_torch_save, atomic_write_json, load_torch_file
+from ..solvers import SOLVERS
+from ..trajectories import validate_trajectory
 from .generate import generate
 from .seeds import sample_labels
 
@@ -38,7 +43,10 @@ __all__ = [
     "file_sha256",
     "shard_ranges",
     "shard_path",
+    "shard_digest",
+    "read_shard",
     "load_samples",
+    "check_output_folder",
     "check_manifest",
     "SamplingModule",
     "ShardWriter",
@@ -71,6 +79,11 @@ class SampleJob:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {self.solver!r}.")
+        validate_trajectory(self.alpha_bar, "alpha_bar")
+        if not self.image_shape or not all(isinstance(v, int) and v > 0 for v in self.image_shape):
+            raise ValueError(f"image_shape must be positive integers (e.g. C, H, W); got {self.image_shape!r}.")
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
@@ -113,23 +126,93 @@ def shard_path(out: str | os.PathLike, start: int, end: int) -> Path:
     return Path(out) / "shards" / f"samples_{start:08d}-{end:08d}.pt"
 
 
+def shard_digest(samples: Tensor, labels: Tensor | None = None) -> str:
+    """Hex sha256 of a shard's tensors (dtype, shape and bytes of ``samples`` and ``labels``)."""
+    h = hashlib.sha256()
+    for t in (samples, labels):
+        if t is not None:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_shard(out: str | os.PathLike, start: int, end: int) -> dict[str, Any]:
+    """Shard ``start..end-1`` of a job folder, verified: it loads, covers that range and matches its checksum.
+
+    Raises:
+        FileNotFoundError: no such shard.
+        ValueError: the shard is truncated, corrupt or altered (the message names it; rerunning the job samples it
+            again).
+    """
+    path = shard_path(out, start, end)
+    redo = "rerun the same command to sample it again"
+    try:
+        shard = load_torch_file(path, "Sample shard")
+    except ValueError as exc:
+        raise ValueError(f"{str(exc).rstrip('.')}; {redo}.") from exc
+    samples = shard.get("samples") if isinstance(shard, dict) else None
+    if not torch.is_tensor(samples) or (shard.get("start"), shard.get("end")) != (start, end) \
+            or samples.shape[0] != end - start:
+        raise ValueError(f"Sample shard {str(path)!r} does not hold samples {start}..{end - 1}; {redo}.")
+    if shard.get("sha256") != shard_digest(samples, shard.get("labels")):
+        raise ValueError(f"Sample shard {str(path)!r} does not match its checksum (altered or written by an older "
+                         f"version); {redo}.")
+    return shard
+
+
+def _shard_ok(out: str | os.PathLike, start: int, end: int) -> bool:
+    try:
+        read_shard(out, start, end)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
 def load_samples(out: str | os.PathLike, ranges: Sequence[tuple[int, int]] | None = None) -> Tensor:
-    """The samples of a job folder (all shards of its manifest, or ``ranges``) in index order."""
+    """The samples of a job folder (all shards of its manifest, or ``ranges``) in index order, each shard verified
+    (:func:`read_shard`)."""
     if ranges is None:
-        ranges = SampleJob.from_dict(json.loads((Path(out) / "manifest.json").read_text())["job"]).ranges
-    return torch.cat([torch.load(shard_path(out, a, b), weights_only=True)["samples"] for a, b in ranges])
+        ranges = SampleJob.from_dict(_read_manifest(Path(out) / "manifest.json")["job"]).ranges
+    return torch.cat([read_shard(out, a, b)["samples"] for a, b in ranges])
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable manifest ({exc}); it was changed by hand. Use another "
+                         "output folder, or delete this one to start over.") from exc
+    if not isinstance(old, dict) or old.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a {MANIFEST_FORMAT} file. Use another output folder.")
+    return old
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """Create the output folder ``out`` (and its parents) if needed; returns it.
+
+    Raises:
+        ValueError: ``out`` is a file. OSError: it cannot be created (permissions, read-only file system).
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"The output folder {str(p)!r} is a file; give a folder (new or from an earlier run).")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 def check_manifest(out: str | os.PathLike, identity: Mapping[str, Any], kind: str = "sample") -> None:
-    """Write ``out/manifest.json`` or check that the one there has the same arguments.
+    """Write ``out/manifest.json`` or check that the one there has the same arguments. Call it once the
+    arguments are known to be valid: a manifest claims the folder for them.
 
     Raises:
         FileExistsError: the folder holds output of different arguments (nothing is mixed or overwritten).
+        ValueError: ``out`` is a file, or its manifest is unreadable.
     """
-    path = Path(out) / "manifest.json"
+    path = check_output_folder(out) / "manifest.json"
     new = {"format": MANIFEST_FORMAT, "kind": kind, "job": json.loads(json.dumps(identity))}
-    if path.is_file():
-        old = json.loads(path.read_text())
+    if path.exists():
+        old = _read_manifest(path)
         if old.get("kind") != kind or old.get("job") != new["job"]:
             a, b = old.get("job", {}), new["job"]
             diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)] or ["kind"]
@@ -157,12 +240,13 @@ class SamplingModule(pl.LightningModule):
 
     def predict_step(self, batch: tuple[int, int], batch_idx: int) -> dict[str, Any]:
         a, b = int(batch[0]), int(batch[1])
-        if shard_path(self.out, a, b).is_file():
+        if _shard_ok(self.out, a, b):  # finished by an earlier run: it loads and matches its checksum
             return {"start": a, "end": b, "skipped": True}
         j = self.job
         x = generate(self.denoiser, self.alpha_bar, j.solver, b - a, j.seed, start=a, batch_size=self.batch_size,
-                     guidance_scale=j.guidance_scale, device=self.device, **j.solver_options)
-        return {"start": a, "end": b, "samples": x, "labels": sample_labels(j.seed, a, b, self.denoiser.num_classes)}
+                     guidance_scale=j.guidance_scale, device=self.device, **j.solver_options).cpu()
+        labels = sample_labels(j.seed, a, b, self.denoiser.num_classes)
+        return {"start": a, "end": b, "samples": x, "labels": labels, "sha256": shard_digest(x, labels)}
 
 
 class ShardWriter(BasePredictionWriter):
@@ -185,7 +269,7 @@ class ShardWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        if not prediction.get("skipped"):
+        if not prediction.get("skipped"):  # a new shard, or one that replaces a broken one
             atomic_torch_save(shard_path(self.out, prediction["start"], prediction["end"]), prediction)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,7 +282,8 @@ class ShardWriter(BasePredictionWriter):
         if self.extractor is not None:
             fid = self._fid(ranges[trainer.global_rank :: trainer.world_size], trainer, pl_module.device)
         if trainer.global_rank == 0:
-            self.report = self._write_report(trainer, fid)
+            digests = {shard_path(self.out, a, b).name: read_shard(self.out, a, b)["sha256"] for a, b in ranges}
+            self.report = self._write_report(trainer, fid, digests)
         trainer.strategy.barrier("vrg-report-written")
 
     def _fid(self, mine: Sequence[tuple[int, int]], trainer: pl.Trainer, device: torch.device) -> dict[str, Any]:
@@ -213,19 +298,38 @@ class ShardWriter(BasePredictionWriter):
                                   desc=f"FID[{ext.name}] features")
         return FIDResult.from_stats(reduce_feature_stats(local, trainer.strategy), self.reference).to_dict()
 
-    def _write_report(self, trainer: pl.Trainer, fid: dict[str, Any] | None) -> dict[str, Any]:
+    def _earlier_fid(self, digests: Mapping[str, str]) -> dict[str, Any] | None:
+        """``{"fid", "fid_reference"}`` of the report already in the folder if it measured these very shards."""
+        try:
+            old = json.loads((self.out / "report.json").read_text())
+        except (OSError, ValueError):
+            return None
+        same = (isinstance(old, dict) and old.get("job") == self.job.to_dict()
+                and (old.get("samples") or {}).get("sha256") == dict(digests))
+        if not same or not old.get("fid"):
+            return None
+        return {"fid_reference": old.get("fid_reference"), "fid": old["fid"],
+                "fid_kept": "measured by an earlier run over these same shards (sha256 unchanged); this run computed "
+                            "no FID"}
+
+    def _write_report(self, trainer: pl.Trainer, fid: dict[str, Any] | None,
+                      digests: Mapping[str, str]) -> dict[str, Any]:
         from ..report import save_grid
 
         job, out, ranges = self.job, self.out, self.job.ranges
-        save_grid(load_samples(out, ranges[: -(-GRID_IMAGES // job.shard_size)])[:GRID_IMAGES], out / "grid.png")
+        shape = tuple(job.image_shape)
+        grid = "grid.png" if len(shape) == 3 and shape[0] in (1, 3) else None  # images only (not vectors, ...)
+        if grid is not None:
+            save_grid(load_samples(out, ranges[: -(-GRID_IMAGES // job.shard_size)])[:GRID_IMAGES], out / grid)
+        kept = self._earlier_fid(digests) if fid is None else None  # a rerun without FID keeps the earlier one
         report = {
             "format": REPORT_FORMAT,
             "version": 1,
             "job": job.to_dict(),
             **self.report_extra,
-            "fid": fid,
+            **({"fid": fid} if kept is None else kept),
             "samples": {"num": job.num_samples, "shards": [shard_path(out, a, b).name for a, b in ranges],
-                        "grid": "grid.png"},
+                        "sha256": dict(digests), "grid": grid},
             "run": {"world_size": trainer.world_size, "batch_size": self.batch_size,
                     "seconds": round(time.time() - self.started, 3),
                     "trainer": {k: str(v) for k, v in self.trainer_kwargs.items()}},
@@ -262,21 +366,32 @@ def run_sampling_job(
         extractor, reference: FID features and reference statistics (both or neither).
         report_extra: more report fields (checkpoint path, trajectory, cpe, FID reference name, ...).
 
+    ``out/manifest.json`` is written only after everything above has been checked and the Trainer built, so a
+    refused run leaves the folder free for the corrected one.
+
     Raises:
-        ValueError: only one of ``extractor``/``reference``, or fewer shards than processes.
+        ValueError: only one of ``extractor``/``reference``, Trainer settings Lightning refuses, fewer shards than
+            processes, or ``out`` is a file.
         FileExistsError: ``out`` holds output of a job with other settings.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from torch.utils.data import DataLoader
 
     writer = ShardWriter(job, out, batch_size=batch_size, extractor=extractor, reference=reference,
                          report_extra=report_extra, trainer_kwargs=trainer_kwargs, progress=progress)
-    check_manifest(out, job.to_dict())
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[writer],
-                         enable_progress_bar=progress, precision=job.precision, **dict(trainer_kwargs or {}))
+    check_output_folder(out)
+    kwargs = {"precision": job.precision, **dict(trainer_kwargs or {})}
+    try:
+        trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[writer],
+                             enable_progress_bar=progress, **kwargs)
+    except (ValueError, TypeError, MisconfigurationException) as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ValueError(f"Lightning refuses the Trainer settings ({given}): {exc}") from exc
     ranges = job.ranges
     if len(ranges) < trainer.world_size:
         raise ValueError(f"{job.num_samples} samples in shards of {job.shard_size} give {len(ranges)} shard(s), fewer "
                          f"than the {trainer.world_size} processes; use fewer devices or a smaller shard_size.")
+    check_manifest(out, job.to_dict())
     loader = DataLoader(ranges, batch_size=1, shuffle=False, collate_fn=_first)
     trainer.predict(SamplingModule(denoiser, job, out, batch_size), dataloaders=loader, return_predictions=False)
     if writer.report is None and trainer.is_global_zero:  # spawned ranks: rank 0 wrote the report in its process

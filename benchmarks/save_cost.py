@@ -1,0 +1,136 @@
+"""What a checkpoint save costs in optimisation time, as a share of the training between two saves.
+
+Trains the offline digits default (``configs/digits.yaml``: its model, data and save frequency, on the CPU) for a few
+steps with ``VRGProfiler`` recording the free-mode profile, to measure the time per training step and to get a real
+profile. Then times what ``VRGProfiler`` does at a save (``EntryCache.entries``, as the callback calls it):
+
+- the digits default grid (the YAML's ``solvers x steps x bases x lps x objectives``), with the profile changed since
+  the last save (free mode: every save) and unchanged (a second save at the same step: reused);
+- a large grid: 6 solvers x 3 step counts x 4 bases x 2 lps x 2 objectives (288 entries), changed profile;
+
+and reports each as a share of the training time between saves (``every_n_epochs`` x steps per epoch x seconds per
+step). With ``optimize_on_save=False`` a save costs nothing and the grid is optimised once at fit end: that cost is
+reported as a share of the whole training (``max_steps``).
+
+    python benchmarks/save_cost.py [--train-steps 40] [--repeats 3] [--skip-large]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LARGE = {"solvers": ["ddim", "dpmsolver2", "dpmsolver3", "dpmpp_2m", "deis", "plms"], "steps": [10, 20, 50],
+         "bases": ["time_uniform", "time_quadratic", "logSNR", "karras"], "lps": [0.01, 0.1],
+         "objectives": ["paper", "solver"]}
+
+
+def digits_config() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+
+
+def train(config: dict, steps: int):
+    """Fit the YAML's model and data for ``steps`` steps on the CPU with a profile-only VRGProfiler; returns
+    ``(seconds per step (median after warm-up), steps per epoch, the free-mode profile, the schedule)``."""
+    import lightning.pytorch as pl
+
+    from vrg_lightning.callbacks import VRGProfiler
+    from vrg_lightning.data import DigitsDataModule
+    from vrg_lightning.module import DiffusionModule
+
+    model_kw = {k: v for k, v in config["model"].items() if k != "sample_every_n_epochs"}
+    data = DigitsDataModule(**config["data"]["init_args"])
+    module = DiffusionModule(**model_kw, sample_every_n_epochs=0)
+    cb = config["trainer"]["callbacks"][1]["init_args"]
+    profiler = VRGProfiler(free=True, half_life_samples=cb["half_life_samples"], num_bins=cb["num_bins"],
+                           probe_at_fit_end=False, steps=[], log_every_n_epochs=0, resave_last=False)
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            times.append(time.perf_counter() - self.t)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[profiler, Clock()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+    per_epoch = len(trainer.train_dataloader)
+    return statistics.median(times[min(5, len(times) - 1):]), per_epoch, profiler.free_profile(trainer), \
+        module.vrg_schedule
+
+
+def save_seconds(profile, schedule, grid, repeats: int, changed: bool) -> float:
+    """Median seconds of ``EntryCache.entries`` at a save, after a save with another profile (``changed``) or with
+    this one (reused)."""
+    from vrg_lightning.optimize.entries import EntryCache
+    from vrg_lightning.profile import ErrorProfile
+
+    out = []
+    for i in range(repeats):
+        cache = EntryCache()
+        other = ErrorProfile.from_dict(profile.to_dict())
+        other.sums = other.sums * (1 + 1e-3 * (i + 1))  # the previous save's profile
+        cache.entries(profile if not changed else other, schedule, grid)
+        t = time.perf_counter()
+        cache.entries(profile, schedule, grid)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train-steps", type=int, default=40, help="training steps to time (after 5 of warm-up)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-large", action="store_true", help="time the digits grid only")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from vrg_lightning.optimize import TrajectoryGrid
+
+    config = digits_config()
+    cb = config["trainer"]["callbacks"][1]["init_args"]
+    every = config["trainer"]["callbacks"][0]["init_args"]["every_n_epochs"]
+    max_steps = config["trainer"]["max_steps"]
+    step_s, per_epoch, profile, schedule = train(config, args.train_steps)
+    between = every * per_epoch * step_s
+    digits = TrajectoryGrid.from_dict({k: cb.get(k) for k in ("solvers", "steps", "bases", "lps", "objectives",
+                                                               "reg_lambda", "trust", "mse_mode", "pin_start")})
+    large = digits.replace(**LARGE)
+    print(f"training: {step_s * 1e3:.1f} ms/step (CPU, one thread), {per_epoch} steps/epoch, a save every {every} "
+          f"epochs = {every * per_epoch} steps = {between:.1f} s; max_steps {max_steps} = {max_steps * step_s:.0f} s")
+    print("\n| grid | entries | optimisations | save, profile changed | share of training between saves | "
+          "save, profile unchanged | fit end only: share of the whole training |")
+    print("|---|---|---|---|---|---|---|")
+    grids = [("digits default (configs/digits.yaml)", digits)] + ([] if args.skip_large else [("large", large)])
+    for name, grid in grids:
+        from vrg_lightning.optimize.entries import cache_key, grid_settings
+        from vrg_lightning.trajectories import make_trajectory
+
+        entries = len(list(grid.combinations()))
+        keys = {cache_key(make_trajectory(schedule, b, n), grid_settings(grid, schedule, s, lp, o))
+                for s, n, b, o, lp in grid.combinations()}
+        changed = save_seconds(profile, schedule, grid, args.repeats if grid is digits else 1, True)
+        same = save_seconds(profile, schedule, grid, args.repeats, False)
+        print(f"| {name} | {entries} | {len(keys)} | {changed:.2f} s | {100 * changed / between:.2f}% | "
+              f"{1e3 * same:.2f} ms | {100 * changed / (max_steps * step_s):.2f}% |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

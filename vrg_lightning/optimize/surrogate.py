@@ -1,0 +1,286 @@
+"""The solver-aware objective by a trust-region method with two models.
+
+The exact objective is ``cpe_solver(ᾱ) + penalty`` (:func:`~vrg_lightning.variance.cpe_solver`: one run of the
+solver code on a one-hot basis gives the weights of all model evaluations, ``Σ_e w_e² MSE(ℓ_e)``), evaluated with its
+gradient by autograd (:class:`SolverObjective`). Every weight depends on several steps, smoothly; the MSE carries the
+kinks. Each iteration minimises, inside the trust box and a radius around the current point ``c``, one of two models
+that have the exact value and gradient at ``c`` (a linear part ``g_lin·(y - c)`` makes the gradients agree):
+
+- the *chain model* (:meth:`SolverObjective.chain_model`): the paper terms, each weighted by
+  ``r_i = Σ_{e at step i} w_e(c)² / (s_i - s_{i-1})²``, so the weights and kinks are exact at ``c``; being a chain
+  loss it is minimised with the paper objective's machinery (:func:`~.search.smooth` and the grid refinement
+  :func:`~.chain.refine`), which finds basins, kinks and joint moves. Its curvature is the paper loss's, corrected
+  along the last step by a secant proximal weight ``μ``; successive steps along one direction are extrapolated.
+- the *weight model* (:class:`WeightModel`): ``Σ_e (w_e(c) + J_e·(y - c))² MSE(ℓ_e(y))``, weights linear in the
+  variables (``J`` by finite differences in the variables that can move), the MSE exact at the evaluated levels
+  (the trajectory's own values; ``pndm``'s midpoints linearised): Gauss-Newton curvature, minimised by the smooth
+  phase; it converges on the smooth part.
+
+The exact objective accepts or rejects each step; the search starts with the chain model, switches to the other
+model whenever one stops gaining, and shrinks the radius when neither gains. For ``ddim``/``dpmsolver1`` the weights
+are ``s_{i-1} - s_i`` and the objective is the paper loss, which is why those solvers never come here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..variance import propagation
+from .chain import OFFSETS, refine
+from .problem import SearchProblem, paper_quad
+
+__all__ = ["ALIGNED", "SCOUT_ITERS", "SolverObjective", "WeightModel", "solver_search", "descend"]
+
+ALIGNED = 0.9  # cosine of two successive chain steps above which the search extrapolates along the last one
+SCOUT_ITERS = 3  # accepted steps (at most twice as many iterations) that scout the basin of a second start
+MAX_DIFFERENCED = 32  # Jacobian columns of a weight model (solver runs); long trajectories get the steepest
+MODEL_FTOL, MODEL_RESOLUTION = 1e-10, 1e-10  # how precisely a model is minimised (it is only a model)
+
+
+class SolverObjective:
+    """The exact solver-aware loss of a problem's variables, its gradient, and the model at a point.
+
+    Example:
+        >>> from vrg_lightning.optimize import OptimizeSettings
+        >>> ab = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+        >>> prob = SearchProblem(ab, lambda a: 0.1 + a, OptimizeSettings(objective="solver", solver="dpmpp_2m"))
+        >>> exact = SolverObjective(prob)
+        >>> f, g = exact.at(prob.y0)
+        >>> model = exact.model(prob.y0, g)
+        >>> round(f, 6), round(model.loss(prob.y0), 6), bool(np.allclose(model.value_and_grad(prob.y0)[1], g))
+        (1.266667, 1.266667, True)
+    """
+
+    def __init__(self, prob: SearchProblem) -> None:
+        self.prob, self.solver, self.calls = prob, prob.s.solver, 0
+        self._seen: tuple[bytes, np.ndarray, np.ndarray] | None = None
+
+    def _trajectory(self, y: torch.Tensor) -> torch.Tensor:
+        p = self.prob
+        ab = p.vars.alpha_bar(y)
+        return torch.cat([ab[:-1], ab.new_tensor([p.end])]) if p.pinned and p.alpha else ab
+
+    def _loss(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(loss, trajectory, propagation)`` at ``y`` (``None`` where the trajectory is not valid)."""
+        p = self.prob
+        self.calls += 1
+        ab = self._trajectory(y)
+        if not bool(((ab[1:] < ab[:-1]).all() & (ab > 0).all() & (ab < 1).all()).item()):
+            return None
+        prop = propagation(self.solver, ab)
+        loss = (prop.weights**2 * p.mse_fn(prop.alpha_bar)).sum()
+        if p.penalty:
+            loss = loss + p.penalty * (ab[-1] - p.end) ** 2
+        self._seen = (y.detach().numpy().tobytes(), prop.weights.detach().numpy(), prop.alpha_bar.detach().numpy())
+        return loss, ab, prop
+
+    def at(self, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """``(loss, d loss/dy)`` at ``y`` (``inf`` where the trajectory is not valid)."""
+        yt = torch.tensor(y, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            out = self._loss(yt)
+            if out is None:
+                return math.inf, np.zeros_like(y)
+            (grad,) = torch.autograd.grad(out[0], yt)
+        f, g = float(out[0].detach()), grad.numpy()
+        return (f, g) if math.isfinite(f) and np.isfinite(g).all() else (math.inf, np.zeros_like(y))
+
+    def value(self, y: np.ndarray) -> float:
+        """The loss at ``y`` without its gradient (``inf`` where the trajectory is not valid)."""
+        with torch.no_grad():
+            out = self._loss(torch.as_tensor(y, dtype=torch.float64))
+        f = math.inf if out is None else float(out[0])
+        return f if math.isfinite(f) else math.inf
+
+    def _weights(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(w_e, ᾱ_e)`` of every evaluation at ``y``, without gradients (the last evaluated point's are kept)."""
+        if self._seen is not None and self._seen[0] == y.tobytes():
+            return self._seen[1], self._seen[2]
+        with torch.no_grad():
+            prop = propagation(self.solver, self._trajectory(torch.as_tensor(y, dtype=torch.float64)))
+        self.calls += 1
+        return prop.weights.numpy(), prop.alpha_bar.numpy()
+
+    def chain_model(self, y: np.ndarray, g: np.ndarray) -> SearchProblem:
+        """The chain model at ``y``: the paper terms, each weighted by ``r_i = Σ_e w_e² / (s_i - s_{i-1})²`` over the
+        evaluations at step ``i`` (the exact weights and kinks at ``y``), plus the linear part that makes its gradient
+        ``g``. Its curvature is the paper loss's; the grid refinement finds the kinks and joint moves in it."""
+        p = self.prob
+        w, levels = self._weights(y)
+        ab = p.vars.alpha_bar_np(y[None])[0]
+        step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
+        on = ab[step] == levels
+        r = np.zeros(p.n)
+        np.add.at(r, step[on], w[on] ** 2)
+        s = np.sqrt((1 - ab) / ab)
+        model = SearchProblem(p.ab0, p.mse_fn, p.s)
+        model.quad = paper_quad(p.n, r / np.diff(s, prepend=0.0) ** 2)
+        model.lin, model.center = None, y.copy()
+        model.lin = g - model.value_and_grad(y)[1]
+        return model
+
+    def model(self, y: np.ndarray, g: np.ndarray) -> WeightModel:
+        """The model at ``y`` whose gradient there is ``g`` (the exact gradient, from :meth:`at`). The Jacobians of
+        the weights and levels are differenced in the variables that can move (inside the box, or on a bound with
+        the gradient pointing inwards; at most :data:`MAX_DIFFERENCED`, those whose gradient moves the loss most);
+        the other columns are zero."""
+        p = self.prob
+        w, levels = self._weights(y)
+        free = ((y > p.lo) | (g < 0)) & ((y < p.hi) | (g > 0))
+        if p.pinned:
+            free[-1] = False
+        jac, jac_levels = np.zeros((w.size, y.size)), np.zeros((w.size, y.size))
+        width = p.hi - p.lo
+        cols = np.flatnonzero(free)
+        if cols.size > MAX_DIFFERENCED:  # long trajectories: the columns whose gradient moves the loss most
+            cols = np.sort(cols[np.argsort(-np.abs(g[cols] * width[cols]), kind="stable")[:MAX_DIFFERENCED]])
+        for k in cols:
+            h = 1e-7 * max(width[k], 1e-300) * (1.0 if y[k] - p.lo[k] < 0.5 * width[k] else -1.0)
+            yk = y.copy()
+            yk[k] += h
+            wk, lk = self._weights(yk)
+            jac[:, k], jac_levels[:, k] = (wk - w) / h, (lk - levels) / h
+        ab = p.vars.alpha_bar_np(y[None])[0]
+        step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
+        model = WeightModel(p, w, jac, y.copy(), step, ab[step] == levels, levels, jac_levels)
+        model.lin = g - model.value_and_grad(y)[1]
+        return model
+
+
+class WeightModel(SearchProblem):
+    """The model of :mod:`this module <.surrogate>` in the variables of a problem (the same box, start and penalty;
+    ``lin``: its linear part in ``y - center``). Weights are linear in ``y``; an evaluation on the trajectory
+    (``on``) takes the MSE at its step's ᾱ, the others at their level linearised in ``y``."""
+
+    def __init__(self, prob: SearchProblem, w: np.ndarray, jac: np.ndarray, center: np.ndarray, step: np.ndarray,
+                 on: np.ndarray, levels: np.ndarray, jac_levels: np.ndarray) -> None:
+        super().__init__(prob.ab0, prob.mse_fn, prob.s)
+        self.w, self.jac, self.center, self.step, self.on = w, jac, center, step, on
+        self.levels, self.jac_levels = levels, jac_levels
+        self.scatter = np.zeros((w.size, self.n))  # evaluation -> its step, for those on the trajectory
+        self.scatter[np.flatnonzero(on), step[on]] = 1.0
+
+    def rows(self, ys: np.ndarray, grad: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        ab = self.vars.alpha_bar_np(ys)
+        self.evals += ys.shape[0]
+        dy = ys - self.center
+        w = self.w + dy @ self.jac.T  # [K, M]
+        lev = np.where(self.on, ab[:, self.step], self.levels + dy @ self.jac_levels.T)
+        m, dm = self.np_mse(lev)
+        f = (w * w * m).sum(-1)
+        if self.penalty:
+            f = f + self.penalty * (ab[:, -1] - self.end) ** 2
+        if self.lin is not None:
+            f = f + dy @ self.lin
+        if not grad:
+            return f, None
+        g_ab = (w * w * dm) @ self.scatter
+        if self.penalty:
+            g_ab[:, -1] += 2 * self.penalty * (ab[:, -1] - self.end)
+        gy = self.vars.chain_rule(g_ab, ab) + (2 * w * m) @ self.jac + (w * w * dm * ~self.on) @ self.jac_levels
+        return f, gy if self.lin is None else gy + self.lin
+
+
+def solver_search(prob: SearchProblem, starts: list[np.ndarray]) -> tuple[np.ndarray, float, int, int]:
+    """Minimise the solver-aware loss: :func:`descend` from the start with the lowest loss, then from each other
+    start for :data:`SCOUT_ITERS` accepted steps, continued only when that is already better (the best start is not
+    always in the best basin; the scouting finds the others cheaply).
+
+    Args:
+        prob: the paper problem of the base (its settings, trust box and MSE).
+        starts: points in the box (the base and the paper optimum).
+
+    Returns:
+        ``(y, exact loss, iterations, exact evaluations)``, the last two summed over the starts.
+    """
+    exact = SolverObjective(prob)
+    points = [prob.feasible(y) for y in starts]
+    order = np.argsort([exact.value(y) for y in points], kind="stable")
+    y, f, iters = descend(exact, points[order[0]])
+    for k in order[1:]:
+        ys, fs, it = descend(exact, points[k], 2 * SCOUT_ITERS, SCOUT_ITERS)
+        iters += it
+        if fs < f:
+            ys, fs, it = descend(exact, ys)
+            iters += it
+            y, f = (ys, fs) if fs < f else (y, f)
+    return y, f, iters, exact.calls
+
+
+def descend(exact: SolverObjective, y: np.ndarray, max_iters: int | None = None,
+            max_accepted: int | None = None) -> tuple[np.ndarray, float, int]:
+    """The trust-region search from ``y``: steps of two models (module docstring), first the chain model with the
+    grid refinement (it finds the basin, the kinks and joint moves; steps along one direction are extrapolated), then
+    the weight model with the smooth phase (it converges on the smooth part), switching to the other model whenever
+    one stops gaining; the radius shrinks when neither gains; at most ``max_iters`` (default ``max_rounds``)
+    iterations and ``max_accepted`` accepted steps. Returns ``(y, exact loss, iterations)``."""
+    from .search import smooth
+
+    prob = exact.prob
+    f, g = exact.at(y)
+    radius: float | None = None
+    weight_model: WeightModel | None = None
+    tol, iters, use_chain, fails, tried, mu, accepted = prob.s.tol, 0, True, 0, 0.0, 0.0, 0
+    last_chain: np.ndarray | None = None
+    while iters < (prob.s.max_rounds if max_iters is None else max_iters) and math.isfinite(f):
+        iters += 1
+        lo, hi = prob.lo, prob.hi
+        if radius is not None:
+            lo, hi = np.maximum(lo, y - radius), np.minimum(hi, y + radius)
+        if use_chain:
+            model = exact.chain_model(y, g)
+            fm = model.loss(y)
+            model.mu = mu
+            yn, fmn = smooth(model, y, fm, lo, hi, MODEL_FTOL) if radius is None else (y, fm)
+            yn, fmn, _ = refine(model, yn, fmn, lo, hi, h0=None if radius is None else radius / OFFSETS,
+                                resolution=MODEL_RESOLUTION)
+        else:
+            weight_model = weight_model or exact.model(y, g)
+            yn, _ = smooth(weight_model, y, weight_model.loss(y), lo, hi, MODEL_FTOL)
+        d = yn - y
+        step = float(np.max(np.abs(d)))
+        fn = exact.value(yn) if step > 0 else math.inf
+        tried = max(tried, step)
+        if use_chain and step > 0 and math.isfinite(fn):  # secant curvature along d: exact minus model
+            dd, gd = float(d @ d), float(g @ d)
+            mu = max(0.0, (2 * (fn - f - gd) - (2 * (fmn - fm - gd) - mu * dd)) / dd)
+        if fn < f:
+            gain, accepted = f - fn, accepted + 1
+            if use_chain:
+                if last_chain is not None and float(d @ last_chain) > ALIGNED * math.sqrt(
+                        float(d @ d) * float(last_chain @ last_chain)):
+                    yn, fn = _extrapolate(exact, y, d, yn, fn)  # chain steps along one direction: go further
+                last_chain = yn - y
+            y, weight_model, tried = yn, None, 0.0
+            f, g = exact.at(y)
+            radius = None if radius is None else 2 * radius
+            converged = gain <= tol * max(1.0, abs(f))  # this model is done here: try the other one
+            fails = fails + 1 if converged else 0
+            use_chain = use_chain != converged
+            if max_accepted is not None and accepted >= max_accepted:
+                break
+        else:
+            fails += 1
+            use_chain = not use_chain
+        if fails >= 2:  # neither model gains at this radius
+            if tried < 1e-13:
+                break
+            radius, fails, tried = 0.25 * tried, 0, 0.0
+    return y, f, iters
+
+
+def _extrapolate(exact: SolverObjective, y: np.ndarray, d: np.ndarray, yn: np.ndarray,
+                 fn: float) -> tuple[np.ndarray, float]:
+    """Points ``y + t·d``, t = 2, 4, 8, ... (restored into the feasible set) while the exact loss keeps falling;
+    returns the best (``yn`` itself when none is better)."""
+    best, t = (yn, fn), 2.0
+    while t <= 1024:
+        yt = exact.prob.feasible(y + t * d)
+        ft = exact.value(yt)
+        if not ft < best[1]:
+            break
+        best, t = (yt, ft), 2 * t
+    return best
