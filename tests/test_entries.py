@@ -184,3 +184,29 @@ def test_tuning_candidates_keep_the_trained_range() -> None:
     free = optimize_trajectory(make_trajectory(SCHED, "logSNR", 20), prof.mse_function("paper"),
                                OptimizeSettings(mse_mode="paper"))
     assert float(free.alpha_bar[0]) > SCHED.alpha_bar_max  # what the range prevents
+
+
+def test_entry_cache_budget_keeps_the_last_entries_until_enough_time_has_passed() -> None:
+    import time
+
+    from vrg_lightning.optimize.entries import EntryCache
+    from vrg_lightning.profile import ErrorProfile
+    from vrg_lightning.schedule import NoiseSchedule
+
+    sched, grid = NoiseSchedule(), TrajectoryGrid(steps=(4,), bases=("logSNR",))
+    ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
+    one, two = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01])), ErrorProfile.from_table(
+        ab, torch.tensor([0.2, 0.2, 0.02]))
+    cache = EntryCache(budget=0.02)
+    first, fresh = cache.entries(one, sched, grid)
+    assert fresh and cache.step is None
+    cache.last_seconds, cache.done_at = 1.0, time.perf_counter()  # an optimisation of 1 s that just ended
+    stale, fresh = cache.entries(two, sched, grid)  # would need 50 s of training first
+    assert not fresh and stale is first
+    forced, fresh = cache.entries(two, sched, grid, force=True)  # the fit end always optimises
+    assert fresh and forced is not first and cache.entries(two, sched, grid) == (forced, False)
+    cache.last_seconds, cache.done_at = 1.0, time.perf_counter() - 60.0  # 60 s later: within the budget
+    assert cache.entries(one, sched, grid)[1]
+    assert EntryCache().entries(two, sched, grid)[1] and EntryCache(None).budget is None
+    with pytest.raises(ValueError, match="budget"):
+        EntryCache(budget=2.0)

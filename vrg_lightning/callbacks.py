@@ -47,9 +47,11 @@ class VRGProfiler(Callback):
         solvers, steps, bases, lps, objectives, reg_lambda, trust, mse_mode, pin_start: the trajectories to
             optimise, the fields of :class:`~vrg_lightning.optimize.TrajectoryGrid` (``None``: its default; an
             empty ``steps`` stores the profile only).
-        optimize_on_save: optimise at every checkpoint save (else only at fit end: earlier checkpoints then hold the
+        optimize_on_save: optimise at checkpoint saves (else only at fit end: earlier checkpoints then hold the
             profile and no entries). A save whose profile did not change reuses the entries; under DDP global rank 0
-            optimises and broadcasts (:class:`~vrg_lightning.optimize.entries.EntryCache`).
+            optimises and broadcasts; ``save_budget`` caps the share of wall time spent optimising at saves (a save
+            that would exceed it keeps the last entries, from step ``vrg.profiler.entries_step``; ``None``: no cap;
+            the fit end always optimises) (:class:`~vrg_lightning.optimize.entries.EntryCache`).
         log_every_n_epochs: log MSE/Gaussianity figures of the free profile every k epochs (0: never).
         resave_last: at fit end, re-save ``ModelCheckpoint.last_model_path`` with the fit-end profile and entries.
         name: distinguishes several instances in a checkpoint (``state_key``).
@@ -67,7 +69,8 @@ class VRGProfiler(Callback):
         solvers: Sequence[str] | None = None, steps: Sequence[int] | None = None, bases: Sequence[str] | None = None,
         lps: Sequence[float] | None = None, objectives: Sequence[str] | None = None, reg_lambda: float | None = None,
         trust: str | None = None, mse_mode: str | None = None, pin_start: bool | None = None,
-        optimize_on_save: bool = True, log_every_n_epochs: int = 1, resave_last: bool = True, name: str = "vrg",
+        optimize_on_save: bool = True, save_budget: float | None = 0.02, log_every_n_epochs: int = 1,
+        resave_last: bool = True, name: str = "vrg",
         tune_at_fit_end: bool = False, tune_settings: dict[str, Any] | None = None, tune_reference_samples: int = 2000,
     ) -> None:
         if half_life_samples is not None and (isinstance(half_life_samples, bool) or half_life_samples <= 0):
@@ -92,12 +95,11 @@ class VRGProfiler(Callback):
         self.running: ErrorProfile | None = None  # this rank's free-mode sums (on the model's device)
         self.skipped: Tensor = torch.zeros((), dtype=torch.float64)  # this rank's skipped samples
         self.probe: ErrorProfile | None = None
-        self.probe_step, self.entries, self._entry_cache = -1, [], EntryCache()
+        self.probe_step, self.entries, self._entry_cache = -1, [], EntryCache(save_budget)
         self._tune_extra: dict[str, Any] = {}
-        self._warned, self._fit_ended = False, False
+        self._warned = self._fit_ended = False
         self._trainer: Trainer | None = None
-        self._pending: dict[str, Any] | None = None
-        self._train_started: float | None = None
+        self._pending, self._train_started = None, None
 
     @property
     @override
@@ -114,7 +116,6 @@ class VRGProfiler(Callback):
         if self._pending is not None:
             self._apply_state(self._pending)
 
-    # --- free mode ------------------------------------------------------------------------------------------------
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -182,7 +183,7 @@ class VRGProfiler(Callback):
         return free
 
     def _entries(self, profile: ErrorProfile, trainer: Trainer) -> list[dict[str, Any]]:
-        entries, fresh = self._entry_cache.entries(profile, self.schedule, self.grid, trainer)
+        entries, fresh = self._entry_cache.entries(profile, self.schedule, self.grid, trainer, self._fit_ended)
         if fresh:  # a new profile: new entries (else keep these, which fit-end tuning may have validated)
             self.entries = entries
             if trainer.logger is not None and entries:
@@ -198,12 +199,12 @@ class VRGProfiler(Callback):
         settings = {"profile_source": profile.source, "step": trainer.global_step, "free": self.free,
                     "half_life_samples": self.half_life, "num_bins": self.num_bins,
                     "probe_samples": self.probe_samples, "probe_seed": self.probe_seed,
-                    "nonfinite_skipped": int(profile.meta.get("nonfinite_skipped", 0)), "optimize": self.grid.to_dict()}
+                    "nonfinite_skipped": int(profile.meta.get("nonfinite_skipped", 0)), "optimize": self.grid.to_dict(),
+                    "entries_step": self._entry_cache.step if entries else None}
         return build_vrg_state(self.schedule, profile, entries,
                                prediction_type=str(getattr(pl_module, "vrg_prediction_type", "epsilon")),
                                extra={"profiler": settings, **self._tune_extra})
 
-    # --- checkpoints ----------------------------------------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         state = self.vrg_state(trainer, pl_module, self.optimize_on_save or self._fit_ended)
@@ -248,7 +249,6 @@ class VRGProfiler(Callback):
         if trainer.is_global_zero:
             log_profile(trainer.logger, profile, trainer.global_step)
 
-    # --- epoch / fit end ------------------------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch + 1

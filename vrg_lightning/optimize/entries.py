@@ -168,20 +168,39 @@ class EntryCache:
         (1, True, True, False)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: float | None = None) -> None:
+        if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+            raise ValueError(f"budget must be a share of the wall time in (0, 1] or None; got {budget!r}.")
         self.key: tuple | None = None
         self.results: dict = {}
         self.list: list[dict[str, Any]] = []
         self.grid: TrajectoryGrid | None = None
         self.seconds = 0.0
+        self.budget, self.last_seconds, self.done_at, self.step = budget, 0.0, None, None
 
-    def entries(self, profile: Any, schedule: Any, grid: TrajectoryGrid,
-                trainer: Any = None) -> tuple[list[dict[str, Any]], bool]:
-        """``(entries, fresh)``: the grid's entries for ``profile`` and whether they were optimised now."""
+    def _over_budget(self, trainer: Any) -> bool:
+        """Whether optimising now would take more than ``budget`` of the wall time since the last optimisation
+        (judged from the last optimisation's time; decided on rank 0 and broadcast, so every rank agrees)."""
+        import time
+
+        if self.budget is None or self.done_at is None:
+            return False
+        late = self.last_seconds > self.budget * (time.perf_counter() - self.done_at)
+        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+            late = bool(trainer.strategy.broadcast(late, src=0))
+        return late
+
+    def entries(self, profile: Any, schedule: Any, grid: TrajectoryGrid, trainer: Any = None,
+                force: bool = False) -> tuple[list[dict[str, Any]], bool]:
+        """``(entries, fresh)``: the grid's entries for ``profile`` and whether they were optimised now.
+
+        With a ``budget``, a changed profile is optimised only when the time since the last optimisation is at least
+        ``last optimisation time / budget``; until then the last entries (of an earlier profile, from training step
+        :attr:`step`) are returned, unless ``force`` (the fit end)."""
         import time
 
         key = (profile_key(profile), schedule.to_dict() if hasattr(schedule, "to_dict") else schedule)
-        if key == self.key and grid == self.grid:
+        if key == self.key and grid == self.grid or (grid == self.grid and not force and self._over_budget(trainer)):
             self.seconds = 0.0
             return self.list, False
         if key != self.key:
@@ -194,4 +213,6 @@ class EntryCache:
         if world > 1:
             out = trainer.strategy.broadcast(out, src=0)
         self.key, self.grid, self.list, self.seconds = key, grid, out, time.perf_counter() - start
+        self.last_seconds, self.done_at = self.seconds, time.perf_counter()
+        self.step = getattr(trainer, "global_step", None)
         return out, True
