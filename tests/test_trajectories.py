@@ -185,3 +185,11 @@ def test_validate_trajectory_errors() -> None:
         with pytest.raises(ValueError, match=word):
             validate_trajectory(torch.tensor(bad, dtype=torch.float64))
     assert validate_trajectory(np.array([0.5, 0.25]).tolist()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("base", [b for b in BASES if b != "list"])
+def test_every_base_stays_in_the_trained_range(base: str) -> None:
+    sched = NoiseSchedule()
+    for n in (2, 10, 50):
+        ab = make_trajectory(sched, base, n)
+        assert float(ab.max()) <= sched.alpha_bar_max and float(ab.min()) >= sched.alpha_bar_min, (base, n)

@@ -136,7 +136,8 @@ def make_trajectory(
         s_max = float(alpha_bar_to_sigma(torch.tensor(schedule.alpha_bar_min, dtype=torch.float64)))
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
         sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        return validate_trajectory(sigma_to_alpha_bar(sig).flip(0), base)
+        ab = sigma_to_alpha_bar(sig).flip(0)  # the ends are the schedule's own (not one rounding step beyond)
+        return validate_trajectory(ab.clamp(schedule.alpha_bar_min, schedule.alpha_bar_max), base)
     if base in ("trailing", "leading"):
         if base == "leading":
             ts = torch.arange(0, steps, dtype=torch.float64) * (T // steps)

@@ -4,9 +4,11 @@ reason) in a NEW checkpoint (:mod:`vrg_lightning.evaluation.tune`).
     vrg tune --ckpt runs/digits/checkpoints/last.ckpt --out runs/digits/tuned.ckpt --reference digits
     vrg tune --ckpt a.ckpt --out b.ckpt --reference patches --features pixels --solvers ddim,dpmpp_2m --steps 10 \\
         --bases time_uniform,logSNR --lps 0.01,0.03 --objectives paper,solver --pin-start both --num-samples 256
+    vrg tune --ckpt a.ckpt --out c.ckpt --peers gits,dmn   # GITS, DMN and VRG on each are candidates too
 
 Then ``vrg sample --ckpt b.ckpt --trajectory vrg --solver ddim --steps 10 --base logSNR`` samples the validated
-choice: the VRG trajectory when its improvement was significant on fresh seeds, else the base.
+choice: the winning trajectory (VRG, a peer, or VRG on a peer) when its improvement was significant on fresh
+seeds, else the base.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 from ..evaluation.features import FEATURES
 from ..evaluation.tune import PIN_CHOICES, RANK_CHOICES, TUNE_GRID, TuneSettings
 from ..optimize.settings import GRID_BASES
+from ..peers import PEERS
 from ..solvers import SOLVERS
 from ._args import add_grid_arguments, add_list_argument
 from ._model import add_model_arguments, model_from_args
@@ -41,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_grid_arguments(p, TUNE_GRID, skip=("solvers", "steps", "bases", "pin_start"))
     p.add_argument("--pin-start", default=_D.pin_start, choices=PIN_CHOICES,
                    help=f"start free, pinned or both (default: {_D.pin_start})")
+    add_list_argument(p, "--peers", str, None, "peer schedule optimisers whose trajectories, and VRG on top of each, "
+                      "are candidates too (gits needs the model; dmn only the schedule and solver)", PEERS)
     p.add_argument("--no-fix", action="store_true", help="leave out the damped + discretisation-aware candidates")
     p.add_argument("--num-samples", type=int, default=_D.num_samples, help=f"images per FID (default: "
                    f"{_D.num_samples})")
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             "num_samples": args.num_samples, "screen_seeds": args.seeds, "confirm_seeds": args.confirm_seeds,
             "features": args.features or default_features("auto", tuple(denoiser.sample_shape)),
             "confidence": args.confidence, "rank_by": args.rank_by,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, "peers": args.peers}
     settings = checkpoint_settings(vrg, flat)
     new = tune_checkpoint(args.ckpt, args.out, settings, args.reference, cache_dir=args.cache_dir, force=args.force,
                           inception_weights=args.inception_weights, log=None if args.json else print,
@@ -99,5 +104,5 @@ def run(args: argparse.Namespace) -> int:
         sel = sum(bool(e["validated"]["selected"]) for e in tuned)
         cells_txt = f"{len(tuned)} cell" + ("" if len(tuned) == 1 else "s")
         print(f"{cells_txt} tuned in {new['tune']['seconds']:.1f} s ({new['tune']['images_sampled']} images "
-              f"sampled): {sel} VRG trajectories selected, {len(tuned) - sel} bases kept. Wrote {args.out}")
+              f"sampled): {sel} candidates selected, {len(tuned) - sel} bases kept. Wrote {args.out}")
     return 0

@@ -2,7 +2,8 @@
 
 For each (solver, steps, base) "cell", :func:`make_candidates` builds the base trajectory and its alternatives:
 VRG at several ``lp`` with both objectives, start free or pinned (``kind="vrg"``), and, for DDIM-like solvers, the
-damped + discretisation-aware variant of :mod:`vrg_lightning.optimize.discretization` (``kind="disc"``).
+damped + discretisation-aware variant of :mod:`vrg_lightning.optimize.discretization` (``kind="disc"``), and for
+``settings.peers`` each peer's trajectory (``kind="peer"``) and VRG on top of it (:mod:`.candidates`).
 :func:`tune_cell` then decides in two stages, each pair of FIDs from the same initial noise (:class:`FIDEvaluator`):
 
 1. screening on ``screen_seeds``: among the candidates whose mean paired difference ``FID_cand - FID_base`` is
@@ -14,7 +15,8 @@ damped + discretisation-aware variant of :mod:`vrg_lightning.optimize.discretiza
    of K and testing it on the same seeds would be biased; new seeds make the test honest.
 
 The result is one schema entry per cell whose ``validated`` section records the decision and its evidence; when
-the base is kept, the entry's ``alpha_bar`` *is* the base, so ``vrg sample --trajectory vrg`` samples the base.
+the base is kept, the entry's ``alpha_bar`` *is* the base, so ``vrg sample --trajectory vrg`` samples the base;
+when a peer or VRG on a peer wins, the entry adds the ``peer`` and its ``base_provenance``.
 :func:`tune_checkpoint` (``vrg tune``) writes a new checkpoint; :func:`tune_vrg` is shared with
 ``VRGProfiler(tune_at_fit_end=True)``.
 """
@@ -29,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..models.spec import is_spec
 from ..optimize.settings import TrajectoryGrid, grid_fields
+from ..peers import PEERS
+from .candidates import _COSTS, Candidate, make_candidates
 from .features import FEATURES, FeatureExtractor, build_features, default_features
 from .fid import FeatureStats, feature_stats
-from .paired import FIDEvaluator, trajectory_key
+from .paired import FIDEvaluator
 from .reference import reference_for
 
 __all__ = ["PIN_CHOICES", "RANK_CHOICES", "TUNE_GRID", "TuneSettings", "Candidate", "make_candidates", "tune_cell",
@@ -78,9 +81,12 @@ class TuneSettings:
         rank_by: screening rule, ``"upper"`` (lowest upper confidence bound) or ``"mean"`` (lowest mean).
         batch_size: images per solver call.
         curvature_samples, curvature_steps: the many-step paths that measure dε/dσ (``fix``).
+        peers: peer schedule optimisers (:data:`vrg_lightning.peers.PEERS`: ``gits``, ``dmn``) whose trajectories,
+            and VRG on top of them, are candidates too (:func:`~.candidates.make_candidates`); default none.
 
     The grid's fields read through (``settings.lps``); :meth:`from_dict` takes the flat dict :meth:`to_dict` writes
-    (``vrg["tune"]["settings"]``, YAML ``tune_settings:``).
+    (``vrg["tune"]["settings"]``, YAML ``tune_settings:``); ``peers`` is written only when given, so settings without
+    peers keep the format stored before them.
 
     Example:
         >>> s = TuneSettings.from_dict({"steps": [10], "lps": [0.03], "pin_start": "both"})
@@ -100,6 +106,7 @@ class TuneSettings:
     batch_size: int = 256
     curvature_samples: int = 32
     curvature_steps: int = 100
+    peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.grid, TrajectoryGrid):
@@ -129,6 +136,11 @@ class TuneSettings:
             raise ValueError(f"fix must be True or False; got {self.fix!r}.")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must lie in (0, 1); got {self.confidence!r}.")
+        peers = (self.peers,) if isinstance(self.peers, str) else self.peers or ()
+        peers = tuple(peers) if isinstance(peers, (list, tuple)) else (peers,)
+        if any(p not in PEERS for p in peers) or len(set(peers)) != len(peers):
+            raise ValueError(f"peers must be distinct names of {', '.join(PEERS)}; got {list(peers)!r}.")
+        object.__setattr__(self, "peers", peers)
 
     @property
     def solvers(self) -> tuple[str, ...]:
@@ -181,7 +193,8 @@ class TuneSettings:
     def to_dict(self) -> dict[str, Any]:
         """Flat plain dict (lists): the grid's fields except ``pin_start``, then tune's own."""
         grid = {k: v for k, v in self.grid.to_dict().items() if k in GRID_KEYS}
-        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "grid"}
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "grid" and (f.name != "peers"
+                                                                                          or self.peers)}
         return {**grid, **{k: list(v) if isinstance(v, tuple) else v for k, v in own.items()}}
 
     @classmethod
@@ -191,72 +204,6 @@ class TuneSettings:
         own = {f.name for f in fields(cls)} - {"grid"}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in own}
         return cls(grid=TUNE_GRID.replace(**grid), **kw)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A trajectory to try in a cell: ``kind`` ``base``, ``vrg`` or ``disc``; ``info`` holds plain settings/costs."""
-
-    label: str
-    kind: str
-    alpha_bar: tuple[float, ...]
-    info: dict[str, Any]
-
-    @property
-    def tensor(self) -> Tensor:
-        return torch.tensor(self.alpha_bar, dtype=torch.float64)
-
-
-_COSTS = ("cpe_before", "cpe_after", "loss", "seconds")
-_DISC_COSTS = ("disc_mode", "cpe_before", "cpe_after", "disc_before", "disc_after", "loss", "seconds")
-
-
-def make_candidates(
-    schedule: Any, profile: Any, solver: str, steps: int, base: str, settings: TuneSettings,
-    curvature: Any = None, cache: dict | None = None,
-) -> list[Candidate]:
-    """The base of a cell first, then its distinct alternatives (identical trajectories appear once).
-
-    Optimisations go through :func:`vrg_lightning.optimize.entries.optimize_cached`: ``cache`` (a dict) shares
-    results between cells (the paper objective does not depend on the solver); every candidate keeps its steps in
-    the schedule's trained range (:func:`~vrg_lightning.optimize.entries.grid_settings`).
-    """
-    from ..optimize.discretization import optimize_disc
-    from ..optimize.entries import cache_key, grid_settings, optimize_cached, result_fields, settings_fields
-    from ..trajectories import make_trajectory
-    from ..variance import DDIM_LIKE
-
-    cache = {} if cache is None else cache
-    mse_fn = profile.mse_function(settings.mse_mode)
-    base_ab = make_trajectory(schedule, base, int(steps))
-    out = [Candidate(f"base:{base}", "base", tuple(base_ab.tolist()), {"objective": None})]
-    seen = {trajectory_key(out[0].alpha_bar)}
-
-    def add(label: str, kind: str, alpha_bar: Sequence[float], info: dict[str, Any]) -> None:
-        c = Candidate(label, kind, tuple(float(v) for v in alpha_bar), info)
-        if trajectory_key(c.alpha_bar) not in seen:
-            seen.add(trajectory_key(c.alpha_bar))
-            out.append(c)
-
-    ddim_like = solver in DDIM_LIKE
-    for pin in settings.pins():
-        grid, start = settings.grid.replace(pin_start=pin), "pinned" if pin else "free"
-        for lp in settings.lps:
-            for obj in settings.objectives:
-                st = grid_settings(grid, schedule, solver, lp, "paper" if obj == "solver" and ddim_like else obj)
-                r = optimize_cached(base_ab, mse_fn, st, cache)
-                add(f"vrg:{obj}:lp={lp:g}:{start}", "vrg", r.alpha_bar.tolist(),
-                    {**settings_fields(st, objective=obj), **result_fields(r, _COSTS)})
-            if settings.fix and ddim_like and curvature is not None:
-                st = grid_settings(grid, schedule, solver, lp, "paper")
-                key = cache_key(base_ab, st, "disc")
-                if key not in cache:
-                    cache[key] = optimize_disc(base_ab, mse_fn, curvature, st, damping=True,
-                                               data_var=curvature.data_var)
-                r = cache[key]
-                add(f"disc:lp={lp:g}:{start}", "disc", r["alpha_bar"],
-                    {**settings_fields(st, objective="disc"), "damping": True, **result_fields(r, _DISC_COSTS)})
-    return out
 
 
 def tune_cell(evaluator: FIDEvaluator, solver: str, candidates: Sequence[Candidate], settings: TuneSettings) -> tuple[
@@ -286,6 +233,8 @@ def tune_cell(evaluator: FIDEvaluator, solver: str, candidates: Sequence[Candida
         "confidence": settings.confidence, "candidate": None, "fid_base_screen": fb, "screen": screen,
         "num_candidates": len(candidates) - 1,
     }
+    if base.info.get("skipped"):
+        record["skipped"] = dict(base.info["skipped"])  # peers that could not serve the cell, with the reason
     better = [i for i in range(len(screen)) if screen[i]["paired_diff"] < 0]
     rule = ((lambda i: (screen[i]["ci_high"], screen[i]["paired_diff"])) if settings.rank_by == "upper"
             else (lambda i: screen[i]["paired_diff"]))
@@ -333,10 +282,12 @@ def _entry(solver: str, steps: int, base: str, chosen: Candidate, base_c: Candid
     from ..optimize.entries import SETTING_KEYS, make_entry
 
     info = chosen.info
-    return make_entry(solver, steps, base, {"objective": info.get("objective") or "base", "kind": chosen.kind},
+    objective = info.get("objective") or ("peer" if chosen.kind == "peer" else "base")
+    peer = {k: info[k] for k in ("peer", "base_provenance") if k in info}  # a peer, or VRG on a peer, won
+    return make_entry(solver, steps, base, {"objective": objective, "kind": chosen.kind},
                       {k: info.get(k) for k in SETTING_KEYS if k != "objective"},
                       {"alpha_bar": list(chosen.alpha_bar), "base_alpha_bar": list(base_c.alpha_bar)},
-                      {k: info.get(k) for k in _COSTS}, profile_source=profile_source, validated=record)
+                      {k: info.get(k) for k in _COSTS}, peer, profile_source=profile_source, validated=record)
 
 
 def tune_vrg(
@@ -346,7 +297,8 @@ def tune_vrg(
 ) -> dict[str, Any]:
     """A new ``vrg`` section: one validated entry per (solver, steps, base) of ``settings``; stored entries of other
     cells are kept. Adds ``vrg["curvature"]`` (``fix``) and ``vrg["tune"]`` (settings, cost). ``log`` gets one line
-    per cell."""
+    per cell. ``settings.peers`` are computed with ``denoiser`` as the model (GITS) and one peer cache for all
+    cells, so GITS runs its teacher once."""
     from ..profile import ErrorProfile
 
     t0 = time.perf_counter()
@@ -358,9 +310,10 @@ def tune_vrg(
     tuned = set(cells)
     kept = [dict(e) for e in vrg.get("entries", []) if (e.get("solver"), int(e.get("steps", 0)), e.get("base"))
             not in tuned]
-    new, cache = [], {}
+    new, cache, peer_cache = [], {}, {}  # one peer cache: one GITS teacher pass serves every cell
     for solver, n, base in cells:
-        cands = make_candidates(denoiser.schedule, profile, solver, n, base, settings, curvature, cache)
+        cands = make_candidates(denoiser.schedule, profile, solver, n, base, settings, curvature, cache,
+                                model=denoiser, peer_cache=peer_cache)
         chosen, rec = tune_cell(ev, solver, cands, settings)
         new.append(_entry(solver, n, base, chosen, cands[0], rec, profile.source))
         if log is not None:
