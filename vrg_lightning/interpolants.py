@@ -20,6 +20,15 @@ from .schedule import alpha_bar_to_lambda
 __all__ = ["PiecewiseLinearMSE", "PchipLogMSE"]
 
 
+def _knots_and_values(cls: str, name: str, x: Tensor, mse: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, mse)`` as tensors, checked to be 1-D of the same length >= 1 (the interpolants' input rule)."""
+    x, mse = torch.as_tensor(x), torch.as_tensor(mse)
+    if x.ndim != 1 or x.numel() < 1 or mse.shape != x.shape:
+        raise ValueError(f"{cls} needs 1-D {name} and mse of the same length >= 1; got shapes {tuple(x.shape)} and "
+                         f"{tuple(mse.shape)}.")
+    return x, mse
+
+
 class PiecewiseLinearMSE:
     """MSE(ᾱ) linear in ᾱ between knots (the reference's interpolation), constant outside.
 
@@ -35,10 +44,7 @@ class PiecewiseLinearMSE:
     """
 
     def __init__(self, alpha_bar: Tensor, mse: Tensor) -> None:
-        alpha_bar, mse = torch.as_tensor(alpha_bar), torch.as_tensor(mse)
-        if alpha_bar.ndim != 1 or alpha_bar.numel() < 1 or mse.shape != alpha_bar.shape:
-            raise ValueError(f"PiecewiseLinearMSE needs 1-D alpha_bar and mse of the same length >= 1; got shapes "
-                             f"{tuple(alpha_bar.shape)} and {tuple(mse.shape)}.")
+        alpha_bar, mse = _knots_and_values("PiecewiseLinearMSE", "alpha_bar", alpha_bar, mse)
         order = torch.argsort(alpha_bar)
         self.alpha_bar = alpha_bar[order].to(torch.float64)
         self.mse = mse[order].to(torch.float64)
@@ -86,10 +92,7 @@ class PchipLogMSE:
     """
 
     def __init__(self, lam: Tensor, mse: Tensor) -> None:
-        lam, mse = torch.as_tensor(lam), torch.as_tensor(mse)
-        if lam.ndim != 1 or lam.numel() < 1 or mse.shape != lam.shape:
-            raise ValueError(f"PchipLogMSE needs 1-D lam and mse of the same length >= 1; got shapes "
-                             f"{tuple(lam.shape)} and {tuple(mse.shape)}.")
+        lam, mse = _knots_and_values("PchipLogMSE", "lam", lam, mse)
         order = torch.argsort(lam)
         x = lam[order].to(torch.float64)
         y = torch.log(mse[order].to(torch.float64))

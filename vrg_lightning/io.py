@@ -34,6 +34,7 @@ __all__ = [
     "check_format",
     "load_torch_file",
     "read_text_file",
+    "from_plain_dict",
 ]
 
 #: The newest version of each versioned format this toolkit reads (``checkpoint["vrg"]``, error profiles).
@@ -234,3 +235,22 @@ def read_text_file(path: str | os.PathLike, what: str = "File", expected: str = 
         except UnicodeDecodeError as exc:
             problem = f"is not UTF-8 text (byte {exc.start})"
     raise ValueError(f"{what} {str(p)!r} {problem}; expected a text file of {expected}.")
+
+
+def from_plain_dict(cls: type, d: Mapping[str, Any], *, skip_none: bool = False) -> Any:
+    """A settings dataclass from its stored plain dict: unknown keys are ignored (files written by newer versions),
+    missing keys (and ``None`` values, with ``skip_none``) take the class's defaults; the class validates the rest.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class S:
+        ...     a: int = 1
+        ...     b: int = 2
+        >>> from_plain_dict(S, {"a": 5, "newer": 0}), from_plain_dict(S, {"b": None}, skip_none=True)
+        (S(a=5, b=2), S(a=1, b=2))
+    """
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names and not (skip_none and v is None)})

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..io import from_plain_dict
 from ..solvers import SOLVERS
 from ..trajectories import BASES
 from ..variance import OBJECTIVES
@@ -99,8 +100,7 @@ class OptimizeSettings:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OptimizeSettings:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing keys take their defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_plain_dict(cls, d)
 
 
 def _check_range(value: Any) -> tuple[float, float] | None:
@@ -243,8 +243,7 @@ class TrajectoryGrid:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrajectoryGrid:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing or ``None`` ones take their defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return from_plain_dict(cls, d, skip_none=True)
 
 
 _GRID_NAMES = frozenset(f.name for f in fields(TrajectoryGrid))

@@ -43,13 +43,14 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..io import from_plain_dict
 from ..schedule import NoiseSchedule, alpha_bar_to_lambda
 from ..solvers import SOLVERS, SolverRun
 from ..trajectories import make_trajectory, validate_trajectory
@@ -94,8 +95,7 @@ class DMNSettings:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DMNSettings:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing keys take their defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_plain_dict(cls, d)
 
 
 def check_dmn_solver(solver: str) -> str:

@@ -29,13 +29,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..io import from_plain_dict
 from ..models.base import device_dtype
 from ..solvers import SOLVERS, EpsFn, num_evaluations, sample
 from ..trajectories import make_trajectory
@@ -97,8 +98,7 @@ class GITSSettings:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GITSSettings:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing keys take their defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_plain_dict(cls, d)
 
 
 @dataclass(frozen=True)
