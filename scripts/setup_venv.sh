@@ -10,4 +10,4 @@ fi
 # Pinned for this machine: torch 2.14.1 + torchvision 0.29.1 lie on local disk and work with torch-fidelity
 # (InceptionV3 FID). On your own machine, install the torch build for your CUDA first; pyproject.toml does not pin it.
 python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q --disable-pip-version-check -e ".[dev,inception]"
+python -m pip install -q --disable-pip-version-check -e ".[dev,inception,sd]"

@@ -85,7 +85,9 @@ def test_config_round_trip_rebuilds_the_same_function() -> None:
 
 def test_bad_arguments_are_rejected_clearly() -> None:
     with pytest.raises(ValueError, match="prediction_type"):
-        Denoiser(TINY_UNET, prediction_type="sample")
+        Denoiser(TINY_UNET, prediction_type="velocity")
+    with pytest.raises(ValueError, match="'flow' is not defined on the vp_discrete"):
+        Denoiser(TINY_UNET, prediction_type="flow")  # the rectified-flow velocity needs that path
     with pytest.raises(ValueError, match="num_classes"):
         Denoiser(TINY_UNET, num_classes=0)
     den = Denoiser(TINY_UNET)

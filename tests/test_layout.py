@@ -41,7 +41,7 @@ def test_commands_define_no_classes() -> None:
         assert not [n for n in tree.body if isinstance(n, ast.ClassDef) and not path.name.startswith("_")], path
 
 
-CORE = ("schedule", "trajectories", "profile", "interpolants", "solvers", "variance", "io")
+CORE = ("schedule", "paths", "trajectories", "profile", "interpolants", "solvers", "variance", "io", "ays")
 
 
 @pytest.mark.parametrize("name", CORE)

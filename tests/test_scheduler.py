@@ -310,7 +310,10 @@ def test_misuse_is_a_clear_error() -> None:
         ({"alpha_bar": AB, "solver": "ddim", "solver_options": {"order": 2}}, r"unknown option\(s\) order"),
         ({"alpha_bar": AB, "solver": "pndm", "solver_options": {"midpoint": lambda a, b: a}}, "cannot be stored"),
         ({"alpha_bar": AB[:3], "solver": "pndm"}, "at least 4 values"),
-        ({"alpha_bar": AB, "prediction_type": "flow"}, "prediction_type must be one of epsilon, v_prediction, sample"),
+        ({"alpha_bar": AB, "prediction_type": "velocity"}, "prediction_type must be one of epsilon, v_prediction"),
+        ({"alpha_bar": AB, "prediction_type": "flow"}, "'flow' is not defined on the vp_discrete noise path"),
+        ({"alpha_bar": AB, "shift": 0.0}, "shift must be a positive number"),
+        ({"alpha_bar": [0.99, 0.5, 1e-5], "noise_path": {"path": "ve", "sigma_max": 80.0}}, "outside the model's noise"),
         ({"alpha_bar": AB, "trained_betas": [0.1] * 1000}, "trained_betas are not supported"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -16,7 +16,7 @@ from typing import Any
 
 from .io import FORMAT_VERSIONS, check_format, load_torch_file
 from .profile import ErrorProfile
-from .schedule import NoiseSchedule
+from .schedule import NoisePath
 
 __all__ = [
     "VRG_KEY",
@@ -50,7 +50,7 @@ def _now() -> str:
 
 
 def build_vrg_state(
-    schedule: NoiseSchedule,
+    schedule: NoisePath,
     profile: ErrorProfile,
     entries: Sequence[Mapping[str, Any]],
     *,
@@ -152,10 +152,10 @@ class CheckpointMismatchError(ValueError):
     points report it as one line (``train.py`` catches it)."""
 
 
-def check_same_schedule(stored: Mapping[str, Any], schedule: NoiseSchedule, what: str = "checkpoint") -> None:
+def check_same_schedule(stored: Mapping[str, Any], schedule: NoisePath, what: str = "checkpoint") -> None:
     """Raise ``ValueError`` unless a stored schedule dict describes ``schedule`` (prediction_type ignored)."""
     try:
-        other = NoiseSchedule.from_dict(stored)
+        other = NoisePath.from_dict(stored)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"The {what} holds an invalid noise schedule {dict(stored)!r}: {exc}") from exc
     if other != schedule:

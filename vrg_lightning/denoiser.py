@@ -4,9 +4,11 @@
 symbol          meaning
 ==============  ===============================================================
 ``alpha_bar``   ᾱ of the input ``x_t = √ᾱ x_0 + √(1-ᾱ) ε`` (float, 0-d or ``[B]``)
-``t``           continuous timestep ``schedule.alpha_bar_to_t(ᾱ)`` fed to the UNet
+``t``           the path's time ``schedule.alpha_bar_to_t(ᾱ)`` fed to the UNet (discrete VP: the timestep)
 ``epsilon``     the UNet predicts ε
 ``v``           the UNet predicts v = √ᾱ ε - √(1-ᾱ) x_0  (Salimans & Ho 2022); ε = √ᾱ v + √(1-ᾱ) x_t
+``sample``      the UNet predicts x_0
+``flow``        the UNet predicts the velocity ε - x_0 (rectified flow)
 ==============  ===============================================================
 
 It is the ``UNet2DModel`` adapter of the denoiser protocol (:mod:`vrg_lightning.models`): forward, guidance and
@@ -23,12 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models.base import EpsModel
-from .schedule import NoiseSchedule
+from .models.base import PREDICTION_TYPES, EpsModel
+from .schedule import NoisePath, NoiseSchedule
 
 __all__ = ["Denoiser", "PREDICTION_TYPES", "DIGITS_UNET", "plain_config"]  # + load_diffusers_dir (moved)
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Default UNet for 16×16×1 digits: three resolutions (16, 8, 4), attention only at 4×4 (last block, mid block).
 #: 0.17 M parameters: [8, 16, 32] channels sample ~2.9× faster than [16, 32, 64] (5,100 vs 1,770 image evaluations
@@ -61,13 +61,13 @@ def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Denoiser(EpsModel):
-    """The ``UNet2DModel`` adapter of the denoiser protocol (:mod:`vrg_lightning.models.base`): ε- or v-prediction.
+    """The ``UNet2DModel`` adapter of the denoiser protocol (:mod:`vrg_lightning.models.base`), on any noise path.
 
     Args:
         unet_config: ``UNet2DModel`` keyword arguments (default :data:`DIGITS_UNET`); ``num_class_embeds`` is set
             from ``num_classes``.
-        schedule: the training noise schedule (default: linear 1e-4..0.02, T=1000).
-        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        schedule: the training noise path (default: discrete VP, linear 1e-4..0.02, T=1000).
+        prediction_type: one of :data:`PREDICTION_TYPES` that the path defines.
         num_classes: number of classes for class conditioning, or ``None``.
         unet: an existing ``UNet2DModel`` to wrap instead of building one from ``unet_config``.
 
@@ -82,13 +82,11 @@ class Denoiser(EpsModel):
     def __init__(
         self,
         unet_config: Mapping[str, Any] | None = None,
-        schedule: NoiseSchedule | None = None,
+        schedule: NoisePath | None = None,
         prediction_type: str = "epsilon",
         num_classes: int | None = None,
         unet: nn.Module | None = None,
     ) -> None:
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}.")
         super().__init__(schedule or NoiseSchedule(), prediction_type, num_classes)
         if unet is None:
             from diffusers import UNet2DModel
@@ -126,7 +124,7 @@ class Denoiser(EpsModel):
         if missing:
             raise ValueError(f"Denoiser config lacks {missing}; expected keys unet, schedule, prediction_type, "
                              "num_classes.")
-        return cls(dict(config["unet"]), NoiseSchedule.from_dict(config["schedule"]),
+        return cls(dict(config["unet"]), NoisePath.from_dict(config["schedule"]),
                    str(config.get("prediction_type", "epsilon")), config.get("num_classes"))
 
     def describe(self) -> str:
@@ -140,7 +138,7 @@ class Denoiser(EpsModel):
         return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
 
     def model_output(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """Raw UNet output (ε or v, per ``prediction_type``) at float timesteps ``t`` (0-d or ``[B]``)."""
+        """Raw UNet output (per ``prediction_type``) at float timesteps ``t`` (0-d or ``[B]``)."""
         if class_labels is None:
             class_labels = self.null_labels(x.shape[0], x.device)
         elif self.num_classes is None:

@@ -3,10 +3,12 @@
 
 - ``"sigmas"``: σ = √((1-ᾱ)/ᾱ), noisiest first, followed by the final ``0.0`` (diffusers'
   ``EulerDiscreteScheduler.set_timesteps(sigmas=...)`` takes the full list including the end point and keeps the
-  float values; it casts them to float32).
+  float values; it casts them to float32). On rectified flow: the path's own σ = σ_vp/(1 + σ_vp), noisiest first,
+  without the end point (``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)`` appends 0 itself).
 - ``"timesteps"``: integer timesteps, noisiest first, for schedulers whose ``set_timesteps(timesteps=...)``
   casts to integers (``DPMSolverMultistepScheduler``, ``DPMSolverSinglestepScheduler``); the scheduler adds the end
-  point itself (``final_sigmas_type="zero"`` matches the toolkit's σ = 0).
+  point itself (``final_sigmas_type="zero"`` matches the toolkit's σ = 0). On a continuous path: the model's float
+  time inputs (``alpha_bar_to_t``), nothing rounded.
 - ``"scheduler"``: the exact ᾱ values, cleanest first, for :class:`~vrg_lightning.scheduler.VRGScheduler` (continuous
   timesteps, any of the toolkit's solvers, nothing rounded); :func:`write_scheduler` writes its folder.
 
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from .io import atomic_write_text
-from .schedule import NoiseSchedule, alpha_bar_to_sigma, sigma_to_alpha_bar
+from .schedule import NoisePath, NoiseSchedule, alpha_bar_to_sigma, sigma_to_alpha_bar
 from .trajectories import validate_trajectory
 from .variance import cpe
 
@@ -65,7 +67,7 @@ class ExportResult:
 
 def export_trajectory(
     alpha_bar: Any,
-    schedule: NoiseSchedule,
+    schedule: NoisePath,
     fmt: str,
     *,
     mse: Callable[[Any], Any] | None = None,
@@ -76,7 +78,7 @@ def export_trajectory(
 
     Args:
         alpha_bar: the trajectory.
-        schedule: the model's :class:`~vrg_lightning.schedule.NoiseSchedule`.
+        schedule: the model's noise path (:class:`~vrg_lightning.schedule.NoisePath`).
         fmt: one of :data:`FORMATS` (``"scheduler"``: the exact values, cleanest first; nothing is lost).
         mse: MSE(ᾱ) of the model's error profile; without it no cpe is reported.
         objective, solver: the cpe (:func:`vrg_lightning.variance.cpe`) used to measure the rounding loss.
@@ -96,10 +98,17 @@ def export_trajectory(
     ab = validate_trajectory(torch.as_tensor(alpha_bar, dtype=torch.float64), "trajectory")
     if fmt == "scheduler":
         values, exported = ab.tolist(), ab
+    elif fmt == "sigmas" and schedule.path == "rectified_flow":
+        sv = alpha_bar_to_sigma(ab).flip(0)
+        flow = (sv / (1 + sv)).to(torch.float32).to(torch.float64)  # FlowMatch keeps float32 sigmas
+        values = [float(v) for v in flow]
+        exported = ((1 - flow) ** 2 / ((1 - flow) ** 2 + flow**2)).flip(0)
     elif fmt == "sigmas":
         sig = alpha_bar_to_sigma(ab).flip(0)
         values: list[Any] = [float(s) for s in sig] + [0.0]
         exported = sigma_to_alpha_bar(sig.to(torch.float32).to(torch.float64)).flip(0)
+    elif not isinstance(schedule, NoiseSchedule):  # a continuous path: its float model times
+        values, exported = [float(v) for v in schedule.alpha_bar_to_t(ab).flip(0)], ab
     else:
         t = schedule.alpha_bar_to_t(ab).flip(0)  # continuous, noisiest first
         ti = torch.round(t).clamp(0, schedule.num_train_timesteps - 1).long()
@@ -123,7 +132,7 @@ def export_trajectory(
 def write_scheduler(
     out_dir: str | os.PathLike,
     alpha_bar: Any,
-    schedule: NoiseSchedule,
+    schedule: NoisePath,
     solver: str,
     *,
     prediction_type: str = "epsilon",
@@ -149,7 +158,8 @@ def write_scheduler(
     if target.exists() and not force:
         raise FileExistsError(f"{str(target)!r} exists; choose a new folder or pass force=True to replace it.")
     sched = VRGScheduler(alpha_bar=validate_trajectory(torch.as_tensor(alpha_bar, dtype=torch.float64), "trajectory"),
-                         solver=solver, **schedule.to_dict(), prediction_type=prediction_type,
+                         solver=solver, **(schedule.to_dict() if isinstance(schedule, NoiseSchedule) else
+                                           {"noise_path": schedule.to_dict()}), prediction_type=prediction_type,
                          source=dict(source) if source else None)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, sched.to_json_string())

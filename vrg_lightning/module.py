@@ -2,11 +2,14 @@
 VRG protocol (:mod:`vrg_lightning.protocol`) so :class:`~vrg_lightning.callbacks.VRGProfiler` can measure the error
 profile for free.
 
-Training (Ho et al. 2020): for each image an **integer** timestep ``t ~ U{0, …, T-1}`` and ε ~ N(0, I);
-``x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε``; the UNet gets the float timestep ``t``; loss = mean squared error against ε
-(``epsilon``) or v = √ᾱ ε - √(1-ᾱ) x_0 (``v_prediction``). With ``num_classes``, labels are replaced by the null
-label with probability ``label_dropout`` (classifier-free guidance), so free-mode statistics mix conditional and
-unconditional predictions in that proportion.
+Training (Ho et al. 2020) on any noise path (:mod:`vrg_lightning.paths`): for each image an **integer** level
+``i ~ U{0, …, T-1}`` of the path's trained levels and ε ~ N(0, I); ``x = c (√ᾱ_i x_0 + √(1-ᾱ_i) ε)`` (the path's own
+coordinates: c = 1 for VP; rectified flow ``x = (1-σ) x_0 + σ ε``); the UNet gets the path's time at level i (VP: the
+timestep i; rectified flow: σ·T); loss = mean squared error against the prediction type's target
+(:func:`~vrg_lightning.models.base.training_target`: ε, v, x_0 or the velocity ε - x_0). The error handed to
+:class:`~vrg_lightning.callbacks.VRGProfiler` is always the ε-error ε̂ - ε (for a velocity v̂: (1-σ)(v̂ - v)). With
+``num_classes``, labels are replaced by the null label with probability ``label_dropout`` (classifier-free guidance),
+so free-mode statistics mix conditional and unconditional predictions in that proportion.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from .checkpoint import (
     model_section,
 )
 from .denoiser import DIGITS_UNET, Denoiser
-from .models.base import to_epsilon
+from .models.base import to_epsilon, training_target
+from .paths import noise_path as make_noise_path
 from .report import image_grid
-from .schedule import NoiseSchedule, add_noise
+from .schedule import NoisePath, NoiseSchedule, add_noise
 
 __all__ = ["DiffusionModule", "split_batch", "image_grid"]
 
@@ -45,13 +49,34 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     raise ValueError(f"Batches must be an image tensor or (images, labels); got {type(batch).__name__}.")
 
 
+def _build_path(name: str, levels: int, beta_schedule: str | None, beta_start: float | None, beta_end: float | None,
+                shift: float | None) -> NoisePath:
+    """The module's noise path; a beta schedule on a path without betas, or a shift off rectified flow, is an error."""
+    betas = {k: v for k, v in (("beta_schedule", beta_schedule), ("beta_start", beta_start), ("beta_end", beta_end))
+             if v is not None}
+    if name == "vp_discrete":
+        if shift is not None:
+            raise ValueError(f"shift={shift!r} is a rectified-flow setting; the vp_discrete path has none (set "
+                             "noise_path: rectified_flow, or drop shift).")
+        return NoiseSchedule(**{"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, **betas},
+                             num_train_timesteps=levels)
+    if shift is not None and name != "rectified_flow":
+        raise ValueError(f"shift={shift!r} is a rectified-flow setting; the {name} path has none.")
+    opts = {"shift": shift} if shift is not None else {}
+    return make_noise_path(name, num_train_timesteps=levels, **betas, **opts)
+
+
 class DiffusionModule(pl.LightningModule):
-    """DDPM training of a ``UNet2DModel`` (ε- or v-prediction), AdamW with linear warm-up, EMA weights.
+    """Diffusion training of a ``UNet2DModel`` on a noise path, AdamW with linear warm-up, EMA weights.
 
     Args:
         unet: ``UNet2DModel`` keyword arguments (default: the 16×16×1 digits UNet, ``denoiser.DIGITS_UNET``).
-        beta_schedule, num_train_timesteps, beta_start, beta_end: the noise schedule (diffusers names).
-        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        noise_path: ``vp_discrete`` (diffusers betas, the default) or another of
+            :data:`~vrg_lightning.paths.NOISE_PATHS`, e.g. ``rectified_flow`` (flow matching).
+        beta_schedule, num_train_timesteps, beta_start, beta_end: the discrete VP schedule (diffusers names; default
+            linear 1e-4..0.02); ``num_train_timesteps`` is every path's number of trained levels.
+        shift: rectified flow's shift (diffusers' FlowMatch ``shift``; default 1).
+        prediction_type: ``epsilon``, ``v_prediction`` (VP), ``sample`` or ``flow`` (rectified flow's velocity).
         num_classes: class conditioning with this many classes (``None``: unconditional).
         label_dropout: probability of the null label during training (classifier-free guidance).
         lr, weight_decay, warmup_steps: AdamW and the linear warm-up of the learning rate.
@@ -63,10 +88,10 @@ class DiffusionModule(pl.LightningModule):
     def __init__(
         self,
         unet: dict[str, Any] | None = None,
-        beta_schedule: str = "linear",
+        beta_schedule: str | None = None,
         num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
         prediction_type: str = "epsilon",
         num_classes: int | None = None,
         label_dropout: float = 0.1,
@@ -81,6 +106,8 @@ class DiffusionModule(pl.LightningModule):
         sample_steps: int = 20,
         sample_seed: int = 0,
         guidance_scale: float = 1.0,
+        noise_path: str = "vp_discrete",
+        shift: float | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= label_dropout < 1:
@@ -95,16 +122,17 @@ class DiffusionModule(pl.LightningModule):
                 or sample_every_n_epochs < 0:
             raise ValueError(f"sample_every_n_epochs must be an integer >= 0; got {sample_every_n_epochs!r}.")
         self.save_hyperparameters()
-        self.schedule = NoiseSchedule(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        self.schedule = _build_path(noise_path, num_train_timesteps, beta_schedule, beta_start, beta_end, shift)
         self.model = Denoiser(dict(DIGITS_UNET) if unet is None else unet, self.schedule, prediction_type, num_classes)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod, persistent=False)
+        self.register_buffer("level_times", self.schedule.timesteps, persistent=False)  # the model's time per level
         self._ema_step = -1
 
     # --- VRG protocol ---------------------------------------------------------------------------------------------
     @property
-    def vrg_schedule(self) -> NoiseSchedule:
+    def vrg_schedule(self) -> NoisePath:
         return self.schedule
 
     @property
@@ -117,7 +145,7 @@ class DiffusionModule(pl.LightningModule):
 
     # --- training -------------------------------------------------------------------------------------------------
     def draw_noise(self, x0: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
-        """Integer timesteps ``t ~ U{0..T-1}`` ``[B]`` and noise ε ``[B, ...]`` (override for deterministic noise)."""
+        """Integer levels ``t ~ U{0..T-1}`` ``[B]`` and noise ε ``[B, ...]`` (override for deterministic noise)."""
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
         return t, torch.randn_like(x0)
 
@@ -125,17 +153,18 @@ class DiffusionModule(pl.LightningModule):
         x0, y = split_batch(batch)
         t, eps = self.draw_noise(x0, batch)
         ab = self.alphas_cumprod[t]  # float64 [B]
-        xt, a, s = add_noise(x0, eps, ab)
+        xt, a, s = add_noise(x0, eps, ab)  # VP coordinates; the model gets its path's c · x_t
+        c = self.schedule.input_scale(ab)
+        x_in = xt if c is None else xt * c.to(xt.dtype).view(a.shape)
         labels = None
         if self.model.num_classes is not None:
             if y is None:
                 raise ValueError("num_classes is set but the batches carry no labels; use a labelled datamodule.")
             drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
             labels = torch.where(drop, torch.full_like(y, self.model.num_classes), y.long())
-        out = self.model.model_output(xt, t.to(x0.dtype), labels)
-        target = eps if self.model.prediction_type == "epsilon" else a * eps - s * x0  # v = √ᾱ ε - √(1-ᾱ) x₀
-        loss = F.mse_loss(out, target)
-        eps_hat = to_epsilon(out.detach(), xt, ab, self.model.prediction_type)  # the one ε / v conversion
+        out = self.model.model_output(x_in, self.level_times[t].to(x0.dtype), labels)
+        loss = F.mse_loss(out, training_target(self.model.prediction_type, x0, eps, a, s))
+        eps_hat = to_epsilon(out.detach(), xt, ab, self.model.prediction_type)  # the one conversion to ε
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return {"loss": loss, "vrg_alpha_bar": ab.detach(), "vrg_error": (eps_hat - eps).detach()}
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .profile import ErrorProfile
-from .schedule import NoiseSchedule, add_noise, alpha_bar_to_lambda
+from .schedule import NoisePath, add_noise, alpha_bar_to_lambda
 
 __all__ = ["PROBE_CHUNK", "PROBE_SAMPLES", "PROBE_BINS", "PROBE_BATCH", "probe_profile", "probe_batches"]
 
@@ -27,9 +27,9 @@ PROBE_CHUNK = 64  # samples per noise generator (the unit that ranks share)
 PROBE_SAMPLES, PROBE_BINS, PROBE_BATCH = 4096, 100, 256  # defaults of the callback, `vrg profile` and probe_profile
 
 
-def _bin_timesteps(profile: ErrorProfile, schedule: NoiseSchedule) -> list[Tensor]:
+def _bin_timesteps(profile: ErrorProfile, schedule: NoisePath) -> list[Tensor]:
     t = torch.arange(schedule.num_train_timesteps)
-    b = profile.bin_index(schedule.t_to_lambda(t.double()))
+    b = profile.bin_index(schedule.index_to_lambda(t.double()))
     return [t[b == k] for k in range(profile.num_bins) if bool((b == k).any())]
 
 
@@ -39,7 +39,7 @@ def _check_int(name: str, value: Any, lo: int) -> None:
 
 
 def probe_batches(
-    dataset: Dataset, schedule: NoiseSchedule, profile: ErrorProfile, *, num_samples: int, seed: int,
+    dataset: Dataset, schedule: NoisePath, profile: ErrorProfile, *, num_samples: int, seed: int,
     batch_size: int, rank: int, world_size: int, use_labels: bool = True,
 ):
     """Yield this rank's probe batches ``(x0, eps, t, labels)`` (CPU; ``labels`` ``None`` without labels)."""
@@ -72,7 +72,7 @@ def probe_batches(
 def probe_profile(
     denoiser: Callable[..., Tensor],
     dataset: Dataset,
-    schedule: NoiseSchedule,
+    schedule: NoisePath,
     *,
     num_samples: int = PROBE_SAMPLES,
     num_bins: int = PROBE_BINS,

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .interpolants import PchipLogMSE, PiecewiseLinearMSE
 from .io import FORMAT_VERSIONS, atomic_torch_save, atomic_write_text, check_format, load_torch_file, read_text_file
-from .schedule import NoiseSchedule, alpha_bar_to_lambda
+from .schedule import NoisePath, NoiseSchedule, alpha_bar_to_lambda
 
 __all__ = [
     "ErrorProfile",
@@ -137,13 +137,13 @@ class ErrorProfile:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def for_schedule(cls, schedule: NoiseSchedule, num_bins: int = 100) -> ErrorProfile:
-        """Bins of equal width in timestep (``T/num_bins`` integer timesteps each), edges in λ."""
+    def for_schedule(cls, schedule: NoisePath, num_bins: int = 100) -> ErrorProfile:
+        """Bins of equal width in level index (``T/num_bins`` trained levels each; VP: timesteps), edges in λ."""
         T = schedule.num_train_timesteps
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= T:
             raise ValueError(f"num_bins must be an integer in [1, {T}]; got {num_bins!r}.")
         t_edges = torch.linspace(-0.5, T - 0.5, num_bins + 1, dtype=torch.float64)[1:-1]
-        inner = schedule.t_to_lambda(t_edges).flip(0)
+        inner = schedule.index_to_lambda(t_edges).flip(0)
         inf = torch.tensor([math.inf], dtype=torch.float64)
         return cls(torch.cat([-inf, inner, inf]), source="measured", meta={"schedule": schedule.to_dict()})
 

@@ -11,7 +11,7 @@ key                 value
                     (a v-prediction model converts: ε̂ = √ᾱ v̂ + √(1-ᾱ) x_t), from the forward pass that made the loss
 ==================  ============================================================================================
 
-and the module exposes ``vrg_schedule`` (a :class:`~vrg_lightning.schedule.NoiseSchedule`), for probe mode
+and the module exposes ``vrg_schedule`` (a :class:`~vrg_lightning.schedule.NoisePath`), for probe mode
 ``vrg_denoiser() -> callable(x, alpha_bar[B], class_labels) -> ε̂`` (the weights to profile, e.g. EMA), and
 optionally ``vrg_prediction_type`` (stored with the schedule). :class:`~vrg_lightning.module.DiffusionModule`
 follows it.
@@ -34,13 +34,14 @@ def protocol_schedule(module: Any, probe: bool = False) -> Any:
     """The module's ``vrg_schedule``, after checking the protocol (and ``vrg_denoiser`` when ``probe``).
 
     Raises:
-        ValueError: no ``vrg_schedule`` NoiseSchedule, or no callable ``vrg_denoiser`` in probe mode.
+        ValueError: no ``vrg_schedule`` noise path, or no callable ``vrg_denoiser`` in probe mode.
     """
-    from .schedule import NoiseSchedule
+    from .schedule import NoisePath
 
     schedule = getattr(module, "vrg_schedule", None)
-    if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"VRGProfiler needs {type(module).__name__}.vrg_schedule (a NoiseSchedule); got "
+    if not isinstance(schedule, NoisePath):
+        raise ValueError(f"VRGProfiler needs {type(module).__name__}.vrg_schedule (a noise path: NoiseSchedule, "
+                         f"RectifiedFlow, ...); got "
                          f"{type(schedule).__name__}. See the protocol in vrg_lightning.protocol.")
     if probe and not callable(getattr(module, "vrg_denoiser", None)):
         raise ValueError(f"Probe mode needs {type(module).__name__}.vrg_denoiser() returning a callable "

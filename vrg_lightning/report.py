@@ -297,8 +297,12 @@ def format_report(info: Mapping[str, Any]) -> str:
         lines.append(f"vrg       {info['missing']}")
         return "\n".join(lines)
     s = info["schedule"]
-    lines.append(f"schedule  {s.get('beta_schedule')} T={s.get('num_train_timesteps')} beta {s.get('beta_start')}.."
-                 f"{s.get('beta_end')}, prediction {s.get('prediction_type')}")
+    if s.get("path", "vp_discrete") != "vp_discrete":
+        opts = ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("path", "prediction_type"))
+        lines.append(f"schedule  {s['path']} ({opts}), prediction {s.get('prediction_type')}")
+    else:
+        lines.append(f"schedule  {s.get('beta_schedule')} T={s.get('num_train_timesteps')} beta "
+                     f"{s.get('beta_start')}..{s.get('beta_end')}, prediction {s.get('prediction_type')}")
     p = info["profile"]
     lines.append(f"profile   {p['source']}: {p['nonempty_bins']}/{p['bins']} bins, {p['samples']:.0f} samples, "
                  f"MSE {p.get('mse_min', math.nan):.4g}..{p.get('mse_max', math.nan):.4g}"

@@ -1,4 +1,11 @@
-"""Noise schedules and continuous conversions between timestep, ᾱ, σ and logSNR.
+"""Noise paths and continuous conversions between timestep, ᾱ, σ and logSNR.
+
+Every Gaussian noise path is ``x = α x₀ + σ ε``; in the coordinates ``x/α`` and ``σ/α`` all of them are the same ODE,
+so the toolkit labels a noise level by the VP-equivalent ``ᾱ = 1/(1 + (σ/α)²)`` and works on ``x_vp = √ᾱ x₀ +
+√(1-ᾱ) ε = x / c`` with ``c = α/√ᾱ`` (:meth:`NoisePath.input_scale`). :class:`NoisePath` is the base of every path:
+its T *trained levels* (a table, index 0 the cleanest) serve profile bins, the probe, the time bases and the step
+bounds; ``alpha_bar_to_t`` gives the model's own time input. :class:`NoiseSchedule` is the discrete VP path
+(diffusers' betas), where index and timestep coincide; the continuous paths live in :mod:`vrg_lightning.paths`.
 
 Symbols (DDPM / DDIM / DPM-Solver papers):
 
@@ -21,12 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "NoisePath",
     "NoiseSchedule",
     "SCHEDULE_NAMES",
     "alpha_bar_to_sigma",
@@ -115,10 +123,130 @@ def _betas(name: str, num_train_timesteps: int, beta_start: float, beta_end: flo
         return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
     raise ValueError(f"Unknown beta_schedule {name!r}; allowed: {', '.join(SCHEDULE_NAMES)} (or 'cosine').")
 
+class NoisePath:
+    """Base of the noise paths: the table of T trained levels and the conversions every path shares.
+
+    A subclass (a frozen dataclass) sets :attr:`path`, :attr:`prediction_types`, calls :meth:`_set_table` in
+    ``__post_init__`` with ``log √ᾱ`` per level (index 0 the cleanest, decreasing) and the model time per level, and
+    implements ``t_to_alpha_bar`` / ``alpha_bar_to_t`` (the model's time input, continuous, differentiable),
+    ``to_dict`` and, unless ``x`` is variance preserving, :meth:`input_scale`.
+    """
+
+    path: ClassVar[str] = ""
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+    strict_range: ClassVar[bool] = False  # the model is undefined outside its levels (a σ range): refuse them
+    num_train_timesteps: int
+    _REGISTRY: ClassVar[dict[str, type[NoisePath]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.path:
+            NoisePath._REGISTRY[cls.path] = cls
+
+    def _set_table(self, log_sqrt_ab: Tensor, timesteps: Tensor) -> None:
+        if not bool((log_sqrt_ab[1:] < log_sqrt_ab[:-1]).all()) or not bool(torch.isfinite(log_sqrt_ab).all()):
+            raise ValueError(f"The {self.path} levels must be distinct noise levels, cleanest first.")
+        object.__setattr__(self, "_log_sqrt_ab", log_sqrt_ab.to(torch.float64))
+        object.__setattr__(self, "_timesteps", timesteps.to(torch.float64))
+
+    # --- construction -------------------------------------------------------------------------
+    @staticmethod
+    def from_dict(d: Mapping[str, Any] | Any) -> NoisePath:
+        """The path a stored dict or a diffusers scheduler config describes: ``path`` names it (absent:
+        ``vp_discrete``); a ``FlowMatchEulerDiscreteScheduler`` config gives ``rectified_flow``."""
+        from .paths import NOISE_PATHS  # noqa: F401  (registers the continuous paths)
+
+        get = d.get if isinstance(d, Mapping) else lambda k, default=None: getattr(d, k, default)
+        name = get("path", None)
+        if name is None:  # a diffusers config: FlowMatch ones have a shift and no betas
+            flow = "FlowMatch" in str(get("_class_name", "") or "") or (
+                get("shift", None) is not None and get("beta_schedule", None) is None)
+            name = "rectified_flow" if flow else "vp_discrete"
+        if name not in NoisePath._REGISTRY:
+            raise ValueError(f"Unknown noise path {name!r}; allowed: {', '.join(sorted(NoisePath._REGISTRY))}.")
+        return NoisePath._REGISTRY[name].from_config(d)
+
+    from_config = from_dict
+
+    # --- the table of trained levels ----------------------------------------------------------
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ at the trained levels, index 0 the cleanest (float64; diffusers' ``alphas_cumprod`` for VP)."""
+        return torch.exp(2 * self._log_sqrt_ab)
+
+    @property
+    def log_sqrt_alphas_cumprod(self) -> Tensor:
+        """log √ᾱ at the trained levels (float64), the table the time bases interpolate."""
+        return self._log_sqrt_ab.clone()
+
+    @property
+    def timesteps(self) -> Tensor:
+        """The model's time input at each trained level (float64): what training feeds the network."""
+        return self._timesteps.clone()
+
+    @property
+    def alpha_bar_max(self) -> float:
+        """ᾱ of the cleanest trained level."""
+        return float(torch.exp(2 * self._log_sqrt_ab[0]))
+
+    @property
+    def alpha_bar_min(self) -> float:
+        """ᾱ of the noisiest trained level."""
+        return float(torch.exp(2 * self._log_sqrt_ab[-1]))
+
+    def _grid(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.arange(self.num_train_timesteps, dtype=torch.float64, device=like.device)
+        return t, self._log_sqrt_ab.to(like.device)
+
+    def index_to_alpha_bar(self, i: Tensor) -> Tensor:
+        """ᾱ at a continuous level index in [0, T-1] (log √ᾱ linear between levels)."""
+        i = torch.as_tensor(i, dtype=torch.float64) if not torch.is_tensor(i) else i
+        grid, log_a = self._grid(i)
+        return torch.exp(2 * _interp(i, grid, log_a))
+
+    def alpha_bar_to_index(self, alpha_bar: Tensor) -> Tensor:
+        """Inverse of :meth:`index_to_alpha_bar` (continuous, differentiable)."""
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64) if not torch.is_tensor(alpha_bar) else alpha_bar
+        grid, log_a = self._grid(ab)
+        return _interp(0.5 * torch.log(ab), log_a.flip(0), grid.flip(0))
+
+    def index_to_lambda(self, i: Tensor) -> Tensor:
+        return alpha_bar_to_lambda(self.index_to_alpha_bar(i))
+
+    # --- the path's own coordinates -----------------------------------------------------------
+    def input_scale(self, alpha_bar: Tensor) -> Tensor | None:
+        """``c = α/√ᾱ`` with ``x = c · x_vp`` (the model's input at ᾱ); ``None``: 1 (variance preserving)."""
+        return None
+
+    def check_prediction_type(self, prediction_type: Any) -> str:
+        """``prediction_type`` if this path defines it, else a ``ValueError`` naming what it allows."""
+        if prediction_type not in self.prediction_types:
+            raise ValueError(f"prediction_type {prediction_type!r} is not defined on the {self.path} noise path; "
+                             f"allowed: {', '.join(self.prediction_types)}.")
+        return str(prediction_type)
+
+    def check_covers(self, alpha_bar: Tensor, what: str = "trajectory") -> None:
+        """For a path with a hard range (:attr:`strict_range`, VE's σ range): raise unless every ᾱ is a trained level
+        (to 1e-9 relative). Other paths extrapolate smoothly and accept any ᾱ."""
+        if not self.strict_range:
+            return
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        lo, hi = self.alpha_bar_min * (1 - 1e-9), self.alpha_bar_max * (1 + 1e-9)
+        bad = (ab < lo) | (ab > hi)
+        if bool(bad.any()):
+            v = float(ab[bad].flatten()[0])
+            raise ValueError(f"The {what} has alpha_bar={v:.6g} (sigma {math.sqrt((1 - v) / v):.4g}) outside the "
+                             f"model's noise range alpha_bar [{self.alpha_bar_min:.6g}, {self.alpha_bar_max:.6g}] "
+                             f"({self.describe_range()}); build it inside the range (bases do) or widen the path.")
+
+    def describe_range(self) -> str:
+        return f"{self.path}, {self.num_train_timesteps} levels"
+
 
 @dataclass(frozen=True)
-class NoiseSchedule:
-    """A discrete DDPM noise schedule made continuous in ``t`` (DPM-Solver convention).
+class NoiseSchedule(NoisePath):
+    """The discrete VP path (``vp_discrete``): a DDPM noise schedule made continuous in ``t`` (DPM-Solver convention);
+    its level index is diffusers' timestep.
 
     Args:
         beta_schedule: ``linear``, ``scaled_linear`` or ``squaredcos_cap_v2`` (alias ``cosine``).
@@ -133,6 +261,7 @@ class NoiseSchedule:
         123.4
     """
 
+    path: ClassVar[str] = "vp_discrete"
     beta_schedule: str = "linear"
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -154,7 +283,7 @@ class NoiseSchedule:
             )
         betas = _betas(name, self.num_train_timesteps, float(self.beta_start), float(self.beta_end))
         log_ab = torch.cumsum(torch.log1p(-betas), 0)
-        object.__setattr__(self, "_log_sqrt_ab", 0.5 * log_ab)
+        self._set_table(0.5 * log_ab, torch.arange(self.num_train_timesteps, dtype=torch.float64))
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -164,6 +293,9 @@ class NoiseSchedule:
         ``trained_betas`` is not supported and is rejected with a clear error.
         """
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        if get("path", "vp_discrete") != "vp_discrete" or "FlowMatch" in str(get("_class_name", "") or ""):
+            raise ValueError(f"This config describes the {get('path', None) or 'rectified_flow'} noise path, not a "
+                             "discrete beta schedule; build it with NoisePath.from_dict(config).")
         if get("trained_betas", None) is not None:
             raise ValueError(
                 "Scheduler configs with explicit trained_betas are not supported; use a named beta_schedule."
@@ -185,47 +317,20 @@ class NoiseSchedule:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> NoiseSchedule:
+    def from_dict(cls, d: Mapping[str, Any]) -> NoiseSchedule:  # type: ignore[override]
         return cls.from_config(d)
 
-    # --- discrete quantities ------------------------------------------------------------------
-    @property
-    def alphas_cumprod(self) -> Tensor:
-        """ᾱ at the integer timesteps 0..T-1 (float64), equal to diffusers' ``alphas_cumprod``."""
-        return torch.exp(2 * self._log_sqrt_ab)
-
-    @property
-    def log_sqrt_alphas_cumprod(self) -> Tensor:
-        """log √ᾱ at the integer timesteps 0..T-1 (float64), the table DPM-Solver interpolates."""
-        return self._log_sqrt_ab.clone()
-
-    @property
-    def alpha_bar_max(self) -> float:
-        """ᾱ at t = 0 (the cleanest training noise level)."""
-        return float(torch.exp(2 * self._log_sqrt_ab[0]))
-
-    @property
-    def alpha_bar_min(self) -> float:
-        """ᾱ at t = T-1 (the noisiest training noise level)."""
-        return float(torch.exp(2 * self._log_sqrt_ab[-1]))
-
-    # --- continuous conversions ---------------------------------------------------------------
-    def _grid(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        t = torch.arange(self.num_train_timesteps, dtype=torch.float64, device=like.device)
-        return t, self._log_sqrt_ab.to(like.device)
-
+    # --- continuous conversions (the timestep is the level index) ------------------------------
     def t_to_alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ(t) for float t in [0, T-1]; log √ᾱ linear between integer timesteps."""
-        t = torch.as_tensor(t, dtype=torch.float64) if not torch.is_tensor(t) else t
-        grid, log_a = self._grid(t)
-        return torch.exp(2 * _interp(t, grid, log_a))
+        return self.index_to_alpha_bar(t)
 
     def alpha_bar_to_t(self, alpha_bar: Tensor) -> Tensor:
         """Inverse of :meth:`t_to_alpha_bar` (continuous, differentiable)."""
-        ab = torch.as_tensor(alpha_bar, dtype=torch.float64) if not torch.is_tensor(alpha_bar) else alpha_bar
-        grid, log_a = self._grid(ab)
-        # log √ᾱ decreases with t: interpolate over the reversed (increasing) table.
-        return _interp(0.5 * torch.log(ab), log_a.flip(0), grid.flip(0))
+        return self.alpha_bar_to_index(alpha_bar)
+
+    def describe_range(self) -> str:
+        return f"{self.beta_schedule} betas, T={self.num_train_timesteps}"
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         return alpha_bar_to_sigma(self.t_to_alpha_bar(t))

@@ -17,11 +17,17 @@ The contract (diffusers 0.42, as ``DDIMScheduler`` / ``DPMSolverMultistepSchedul
                            intermediate evaluations (``plms`` N+1, ``pndm`` N+9: ``solvers.num_evaluations``)
 ``set_timesteps(n)``       n is the number of trajectory values (the stored entry's ``steps``, ``vrg sample
                            --steps``); a trajectory is optimized for its length, so any other n is an error
-``step(out, t, sample)``   ``out`` read per ``prediction_type`` (``epsilon``, ``v_prediction``, ``sample``); returns
-                           ``prev_sample`` (the next model input, after the last evaluation the final sample) and
-                           ``pred_original_sample`` (x̂₀)
-``init_noise_sigma``       1.0, and ``scale_model_input`` returns the sample (variance preserving)
+``step(out, t, sample)``   ``out`` read per ``prediction_type`` (``epsilon``, ``v_prediction``, ``sample``, ``flow``);
+                           returns ``prev_sample`` (the next model input, after the last evaluation the final sample)
+                           and ``pred_original_sample`` (x̂₀)
+``init_noise_sigma``       the noise path's input scale c at the first level (1 for VP, ≈ σ_max for VE, √(α²+σ²)
+                           for rectified flow), and ``scale_model_input`` returns the sample
 =========================  ==========================================================================================
+
+Noise paths: the samples a pipeline passes are in the model's own coordinates ``x = c · x_vp``
+(:meth:`~vrg_lightning.schedule.NoisePath.input_scale`); the solver works on ``x_vp``. ``noise_path`` (a stored path
+dict) or ``shift`` (a ``FlowMatchEulerDiscreteScheduler`` config: rectified flow) selects a path other than the
+discrete VP betas.
 
 The solver keeps its state between steps (multistep history, Runge-Kutta stages): ``sample`` is read at the first step
 and must afterwards be the previous step's ``prev_sample`` (every pipeline loop passes it back); step k takes
@@ -45,14 +51,14 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from .schedule import NoiseSchedule
+from .schedule import NoisePath, NoiseSchedule
 from .solvers import SolverRun, _check_options, num_evaluations
 from .trajectories import validate_trajectory
 from .variance import propagation
 
 __all__ = ["PREDICTION_TYPES", "VRGScheduler", "VRGSchedulerOutput"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 @dataclass
@@ -73,8 +79,11 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
         final_alpha_bar: the end point of sampling (1 = σ 0, the clean sample).
         num_train_timesteps, beta_schedule, beta_start, beta_end: the model's noise schedule (diffusers' names and
             defaults); ``trained_betas`` is not supported.
-        prediction_type: what the model returns: ``epsilon``, ``v_prediction`` or ``sample``.
+        prediction_type: what the model returns: ``epsilon``, ``v_prediction``, ``sample`` or ``flow`` (default:
+            ``flow`` on rectified flow, else ``epsilon``).
         source: where the trajectory came from (checkpoint, base, objective, lp, validated); recorded only.
+        noise_path: a stored noise-path dict (``NoisePath.to_dict()``) of a path other than the discrete VP betas.
+        shift: rectified flow with this shift (what a ``FlowMatchEulerDiscreteScheduler`` config gives).
 
     Raises:
         ValueError: no or an invalid trajectory, an unknown solver, option, schedule or prediction type.
@@ -101,23 +110,35 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         trained_betas: Sequence[float] | None = None,
-        prediction_type: str = "epsilon",
+        prediction_type: str | None = None,
         source: Mapping[str, Any] | None = None,
+        noise_path: Mapping[str, Any] | None = None,
+        shift: float | None = None,
     ) -> None:
         if alpha_bar is None:
             raise ValueError("VRGScheduler needs alpha_bar=[...] (the trajectory, cleanest first); or load a stored "
                              "one with VRGScheduler.from_checkpoint(path, solver=..., steps=...).")
-        if prediction_type not in PREDICTION_TYPES:
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}.")
-        self.schedule = NoiseSchedule.from_config(
-            {"num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule, "beta_start": beta_start,
-             "beta_end": beta_end, "trained_betas": trained_betas})
+        if noise_path is not None:
+            self.schedule = NoisePath.from_dict(noise_path)
+        elif shift is not None:
+            self.schedule = NoisePath.from_dict({"path": "rectified_flow", "num_train_timesteps": num_train_timesteps,
+                                                 "shift": shift})
+        else:
+            self.schedule = NoiseSchedule.from_config(
+                {"num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule, "beta_start": beta_start,
+                 "beta_end": beta_end, "trained_betas": trained_betas})
+        prediction_type = self.schedule.check_prediction_type(
+            prediction_type or ("flow" if self.schedule.path == "rectified_flow" else "epsilon"))
+        self.register_to_config(prediction_type=prediction_type)
         opts = dict(solver_options or {})
         _check_options(solver, opts)
         if "midpoint" in opts:
             raise ValueError("solver_options: midpoint (a callable) cannot be stored in a scheduler config; the "
                              "scheduler uses the logSNR midpoint.")
         ab = validate_trajectory(torch.as_tensor(alpha_bar, dtype=torch.float64).detach().cpu(), "alpha_bar")
+        self.schedule.check_covers(ab, "alpha_bar trajectory")
         self.register_to_config(alpha_bar=ab.tolist(), solver_options=opts or None)  # plain floats: JSON, exact
         self._ab, self._opts, self._final = ab, opts, float(final_alpha_bar)
         self._m = num_evaluations(solver, ab.numel())
@@ -128,7 +149,9 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
         self._t_list = self._t.tolist()
         self._a = levels.sqrt().tolist()  # √ᾱ and √(1-ᾱ) per evaluation, for the prediction types and x̂₀
         self._s = (1 - levels).sqrt().tolist()
-        self.init_noise_sigma = 1.0
+        c = self.schedule.input_scale(torch.cat([levels, torch.tensor([float(final_alpha_bar)], dtype=torch.float64)]))
+        self._c = None if c is None else c.tolist()  # the path's input scale per evaluation, then at the end point
+        self.init_noise_sigma = 1.0 if c is None else self._c[0]
         self.set_timesteps()
 
     # --- construction -----------------------------------------------------------------------------------------
@@ -149,13 +172,15 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
         vrg = read_vrg(path)
         entry = select_entry(vrg, solver, steps, base, objective, lp)
         sched = dict(vrg["schedule"])
+        noise = NoisePath.from_dict(sched)
+        kw: dict[str, Any] = ({"noise_path": noise.to_dict()} if not isinstance(noise, NoiseSchedule) else
+                              noise.to_dict())
         validated = entry.get("validated")
         source = {"checkpoint": os.fspath(path) if isinstance(path, (str, os.PathLike)) else None,
                   "steps": int(steps), "base": entry.get("base"), "objective": entry.get("objective"),
                   "lp": entry.get("lp"),
                   "validated": validated.get("selected") if isinstance(validated, Mapping) else None}
-        return cls(alpha_bar=[float(v) for v in entry["alpha_bar"]], solver=solver,
-                   **NoiseSchedule.from_dict(sched).to_dict(),
+        return cls(alpha_bar=[float(v) for v in entry["alpha_bar"]], solver=solver, **kw,
                    prediction_type=str(sched.get("prediction_type", "epsilon")), source=source)
 
     # --- the diffusers contract -------------------------------------------------------------------------------
@@ -221,15 +246,21 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"model_output must be a tensor shaped like sample {tuple(sample.shape)}; got {got}.")
         a, s = self._a[k], self._s[k]
         kind = self.config.prediction_type
+        x = sample if self._c is None else sample / self._c[k]  # the solver's VP coordinates
         if kind == "epsilon":
-            eps, x0 = model_output, torch.sub(sample, model_output, alpha=s).div_(a)
+            eps, x0 = model_output, torch.sub(x, model_output, alpha=s).div_(a)
         elif kind == "v_prediction":
-            eps, x0 = torch.add(model_output * a, sample, alpha=s), torch.sub(sample * a, model_output, alpha=s)
-        else:
-            eps, x0 = torch.sub(sample, model_output, alpha=a).div_(s), model_output
+            eps, x0 = torch.add(model_output * a, x, alpha=s), torch.sub(x * a, model_output, alpha=s)
+        elif kind == "sample":
+            eps, x0 = torch.sub(x, model_output, alpha=a).div_(s), model_output
+        else:  # velocity v = ε - x₀: ε = (x + √ᾱ v) / (√ᾱ + √(1-ᾱ))
+            eps = torch.add(x, model_output, alpha=a).div_(a + s)
+            x0 = eps - model_output
         if k == 0:
-            self._run.start(sample)
+            self._run.start(x)
         prev = self._run.send(eps)
+        if self._c is not None:
+            prev = prev * self._c[k + 1]
         self._k, self._prev = k + 1, prev
         if not return_dict:
             return prev, x0

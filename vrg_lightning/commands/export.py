@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint_file, read_vrg
     from ..profile import ErrorProfile
-    from ..schedule import NoiseSchedule
+    from ..schedule import NoisePath
     from ..variance import objective_for_cpe
     from .sample import resolve_from_args
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--format {args.format}: " + ("needs --out DIR (the scheduler folder to write)."
                                                          if args.out is None else "--out is for --format scheduler."))
     vrg = read_vrg(load_checkpoint_file(args.ckpt))
-    schedule = NoiseSchedule.from_dict(vrg["schedule"])
+    schedule = NoisePath.from_dict(vrg["schedule"])
     traj = resolve_from_args(args, schedule, vrg, args.solver, args.steps, args.trajectory)
     objective = args.objective or objective_for_cpe((traj.entry or {}).get("objective"))
     mse = ErrorProfile.from_dict(vrg["profile"]).mse_function("fit")

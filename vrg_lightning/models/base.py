@@ -7,8 +7,8 @@ member                           meaning
 ===============================  ==================================================================================
 ``den(x, alpha_bar, labels)``    ε̂ for ``x`` ``[B, *sample_shape]`` at ᾱ (0-d or ``[B]``), ``labels`` ``[B]``/``None``
 ``den.eps_fn(labels, w)``        the solver callable ``(x, alpha_bar_0d) -> ε̂``, classifier-free guidance weight ``w``
-``den.schedule``                 its training :class:`~vrg_lightning.schedule.NoiseSchedule`
-``den.prediction_type``          what the network outputs: ``epsilon``, ``v_prediction`` or ``sample`` (x̂₀)
+``den.schedule``                 its training noise path (:class:`~vrg_lightning.schedule.NoisePath`)
+``den.prediction_type``          what the network outputs: ``epsilon``, ``v_prediction``, ``sample`` (x̂₀), ``flow``
 ``den.sample_shape``             the shape of one sample: ``(C, H, W)`` images, ``(D,)`` vectors, any shape
 ``den.num_classes``              the class count of a class-conditional model, or ``None``
 ``den.config()``                 a plain dict naming the model (statistics caches, stored files)
@@ -16,9 +16,11 @@ member                           meaning
 ===============================  ==================================================================================
 
 and its device and dtype are those of its parameters (:func:`device_dtype`). :class:`EpsModel` implements the
-protocol for a network that takes continuous timesteps ``t = schedule.alpha_bar_to_t(ᾱ)`` (training-timestep
-units, log ᾱ linear between integer timesteps; the diffusers UNet convention): a subclass gives ``model_output(x, t,
-labels)``, the raw output, and :func:`to_epsilon` turns it into ε̂, the one place where v̂ or x̂₀ become ε̂.
+protocol for a network that takes its path's time ``t = schedule.alpha_bar_to_t(ᾱ)`` (discrete VP: training-timestep
+units, log ᾱ linear between integer timesteps, the diffusers UNet convention; rectified flow: σ·T) and its path's
+input ``c · x`` (:meth:`~vrg_lightning.schedule.NoisePath.input_scale`): a subclass gives ``model_output(x, t,
+labels)``, the raw output, and :func:`to_epsilon` turns it into ε̂, the one place where v̂, x̂₀ or a velocity become
+ε̂ (:func:`training_target` is its inverse, what a network is trained to output).
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..schedule import NoiseSchedule
+from ..schedule import NoisePath
 
-__all__ = ["PREDICTION_TYPES", "EpsModel", "to_epsilon", "check_prediction_type", "check_output", "device_dtype"]
+__all__ = ["PREDICTION_TYPES", "EpsModel", "to_epsilon", "training_target", "check_prediction_type", "check_output",
+           "device_dtype"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def check_prediction_type(value: Any) -> str:
@@ -47,17 +50,21 @@ def check_prediction_type(value: Any) -> str:
 def to_epsilon(output: Tensor, x: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
     """ε̂ from a network output at ``x = √ᾱ x₀ + √(1-ᾱ) ε`` (float64 arithmetic, returned in ``x``'s dtype).
 
-    =================  =====================================
+    =================  ================================================================
     ``prediction_type``  ε̂
-    =================  =====================================
+    =================  ================================================================
     ``epsilon``          the output
     ``v_prediction``     √ᾱ v̂ + √(1-ᾱ) x   (v = √ᾱ ε - √(1-ᾱ) x₀; Salimans & Ho 2022)
     ``sample``           (x - √ᾱ x̂₀) / √(1-ᾱ)
-    =================  =====================================
+    ``flow``             (x + √ᾱ v̂) / (√ᾱ + √(1-ᾱ))   (v = ε - x₀, rectified flow's velocity)
+    =================  ================================================================
+
+    Every quantity is a property of (x₀, ε), so the same formulas serve every noise path once its input is brought
+    to the VP coordinates ``x_vp = x / c``.
 
     Args:
         output: the network output, shape of ``x``.
-        x: the noisy input.
+        x: the noisy input in VP coordinates.
         alpha_bar: ᾱ, 0-d or ``[B]``.
         prediction_type: one of :data:`PREDICTION_TYPES`.
 
@@ -73,10 +80,31 @@ def to_epsilon(output: Tensor, x: Tensor, alpha_bar: Tensor, prediction_type: st
         return output.to(x.dtype)
     ab = torch.as_tensor(alpha_bar, dtype=torch.float64).to(x.device, non_blocking=True)
     a = ab.reshape((-1,) + (1,) * (x.ndim - 1)) if ab.ndim else ab
-    out, xd = output.double(), x.double()
-    eps = a.sqrt() * out + (1 - a).sqrt() * xd if prediction_type == "v_prediction" else \
-        (xd - a.sqrt() * out) / (1 - a).sqrt()
+    out, xd, ra, rs = output.double(), x.double(), a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "v_prediction":
+        eps = ra * out + rs * xd
+    elif prediction_type == "sample":
+        eps = (xd - ra * out) / rs
+    else:
+        eps = (xd + ra * out) / (ra + rs)
     return eps.to(x.dtype)
+
+
+def training_target(prediction_type: str, x0: Tensor, eps: Tensor, a: Tensor, s: Tensor) -> Tensor:
+    """What a network of ``prediction_type`` is trained to output for ``x_vp = a x₀ + s ε`` (``a = √ᾱ``, ``s =
+    √(1-ᾱ)``, broadcastable): the inverse of :func:`to_epsilon`.
+
+    Example:
+        >>> x0, eps, a, s = torch.ones(1, 2), torch.zeros(1, 2), torch.tensor(0.8), torch.tensor(0.6)
+        >>> [training_target(p, x0, eps, a, s)[0, 0].item() for p in PREDICTION_TYPES]
+        [0.0, -0.6000000238418579, 1.0, -1.0]
+    """
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a * eps - s * x0
+    return x0 if prediction_type == "sample" else eps - x0
 
 
 def check_output(output: Any, x: Tensor, where: str) -> Tensor:
@@ -120,8 +148,8 @@ class EpsModel(nn.Module):
     guidance (Ho & Salimans 2022): ε = ε_∅ + w (ε_c - ε_∅).
 
     Args:
-        schedule: the training noise schedule.
-        prediction_type: what :meth:`model_output` returns (:data:`PREDICTION_TYPES`).
+        schedule: the training noise path (:class:`~vrg_lightning.schedule.NoisePath`, e.g. a ``NoiseSchedule``).
+        prediction_type: what :meth:`model_output` returns (:data:`PREDICTION_TYPES`, those the path defines).
         num_classes: class count of a conditional model, or ``None``.
 
     Attributes:
@@ -131,16 +159,17 @@ class EpsModel(nn.Module):
 
     clip_range: float | None = None
 
-    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon",
+    def __init__(self, schedule: NoisePath, prediction_type: str = "epsilon",
                  num_classes: int | None = None) -> None:
         super().__init__()
-        if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"schedule must be a NoiseSchedule; got {type(schedule).__name__}.")
+        if not isinstance(schedule, NoisePath):
+            raise ValueError(f"schedule must be a noise path (NoiseSchedule, VPContinuous, VEPath, RectifiedFlow); got "
+                             f"{type(schedule).__name__}.")
         if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
                                         or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer or None; got {num_classes!r}.")
         self.schedule = schedule
-        self.prediction_type = check_prediction_type(prediction_type)
+        self.prediction_type = schedule.check_prediction_type(check_prediction_type(prediction_type))
         self.num_classes = num_classes
 
     @property
@@ -169,7 +198,7 @@ class EpsModel(nn.Module):
         """ε̂(x, ᾱ): the noise prediction, same shape and dtype as ``x``.
 
         Args:
-            x: noisy samples ``[B, *sample_shape]``.
+            x: noisy samples ``[B, *sample_shape]`` in VP coordinates (``x_vp``; the model gets ``c · x``).
             alpha_bar: ᾱ, a 0-d tensor (whole batch) or ``[B]``.
             class_labels: ``[B]`` integer labels, or ``None``.
         """
@@ -177,7 +206,9 @@ class EpsModel(nn.Module):
         if ab.ndim > 1 or (ab.ndim == 1 and ab.numel() != x.shape[0]):
             raise ValueError(f"alpha_bar must be 0-d or of shape [{x.shape[0]}]; got shape {tuple(ab.shape)}.")
         t = self.schedule.alpha_bar_to_t(ab.reshape(-1)).reshape(ab.shape).to(x.device, non_blocking=True)
-        out = check_output(self.model_output(x, t, class_labels), x, self.describe())
+        c = self.schedule.input_scale(ab)
+        x_in = x if c is None else x * c.reshape((-1,) + (1,) * (x.ndim - 1) if c.ndim else ()).to(x)
+        out = check_output(self.model_output(x_in, t, class_labels), x, self.describe())
         return to_epsilon(out, x, ab, self.prediction_type)
 
     def eps_fn(self, class_labels: Tensor | None = None,

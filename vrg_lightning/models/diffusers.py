@@ -1,6 +1,7 @@
 """A local diffusers folder as a :class:`~vrg_lightning.denoiser.Denoiser`: a ``UNet2DModel`` written by
 ``save_pretrained`` with its scheduler config, or a ``DDPMPipeline`` / ``DDIMPipeline`` folder (``model_index.json``,
-``unet/``, ``scheduler/``). Nothing is downloaded.
+``unet/``, ``scheduler/``). A ``StableDiffusionPipeline`` folder goes to :func:`.latent.load_pipeline_dir` (a
+:class:`~.latent.LatentDenoiser`). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..schedule import NoiseSchedule
+from ..schedule import NoisePath
 from .external import read_scheduler_config
 
 __all__ = ["PIPELINES", "load_diffusers_dir"]
@@ -30,11 +31,11 @@ def _check_index(d: Path) -> None:
     unet = cfg.get("unet") if isinstance(cfg, dict) else None
     if cls not in PIPELINES or not (isinstance(unet, list) and unet[-1:] == ["UNet2DModel"]):
         raise ValueError(f"{str(d)!r} holds a {cls or 'pipeline'} with unet {unet!r} (model_index.json); supported: "
-                         f"{', '.join(PIPELINES)} folders with a UNet2DModel, or a UNet2DModel folder with its "
-                         "scheduler_config.json.")
+                         f"{', '.join(PIPELINES)} folders with a UNet2DModel, a UNet2DModel folder with its "
+                         "scheduler_config.json, or a StableDiffusionPipeline folder (models.latent).")
 
 
-def load_diffusers_dir(directory: str | os.PathLike, *, schedule: NoiseSchedule | None = None,
+def load_diffusers_dir(directory: str | os.PathLike, *, schedule: NoisePath | None = None,
                        prediction_type: str | None = None) -> tuple[Any, dict[str, Any]]:
     """``(denoiser, source)`` from a local diffusers folder: a ``UNet2DModel`` in ``DIR`` or ``DIR/unet`` and its
     ``scheduler_config.json`` in ``DIR/scheduler`` or ``DIR``; ``source`` records the paths.
@@ -55,6 +56,10 @@ def load_diffusers_dir(directory: str | os.PathLike, *, schedule: NoiseSchedule 
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"The diffusers folder {str(directory)!r} does not exist or is not a folder.")
+    from .latent import is_latent_pipeline_dir, load_pipeline_dir
+
+    if is_latent_pipeline_dir(d):  # a StableDiffusionPipeline folder: the latent, text-conditioned adapter
+        return load_pipeline_dir(d, schedule=schedule, prediction_type=prediction_type)
     _check_index(d)
     unet_dir = d / "unet" if (d / "unet" / "config.json").is_file() else d
     if not (unet_dir / "config.json").is_file():
@@ -71,7 +76,8 @@ def load_diffusers_dir(directory: str | os.PathLike, *, schedule: NoiseSchedule 
     elif schedule is None:
         raise FileNotFoundError(f"No scheduler_config.json in {str(d / 'scheduler')!r} or {str(d)!r}; give the "
                                 "schedule explicitly.")
-    pred = prediction_type or str(cfg.get("prediction_type", "epsilon"))
+    flow = "FlowMatch" in str(cfg.get("_class_name", ""))  # FlowMatch configs name no prediction type: velocity
+    pred = prediction_type or str(cfg.get("prediction_type", "flow" if flow else "epsilon"))
     if pred not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {pred!r} of {str(d)!r} is not supported for UNet2DModel folders; "
                          f"supported: {', '.join(PREDICTION_TYPES)}.")
@@ -79,7 +85,7 @@ def load_diffusers_dir(directory: str | os.PathLike, *, schedule: NoiseSchedule 
     if getattr(unet.config, "num_class_embeds", None):
         raise ValueError(f"{str(d)!r} holds a class-conditional UNet (num_class_embeds); only unconditional "
                          "diffusers UNet2DModels are supported.")
-    den = Denoiser(schedule=schedule or NoiseSchedule.from_config(cfg), prediction_type=pred, unet=unet)
+    den = Denoiser(schedule=schedule or NoisePath.from_config(cfg), prediction_type=pred, unet=unet)
     source = {"diffusers_dir": str(d.resolve())}
     if sched_file is not None:
         source["scheduler_config"] = str(sched_file.resolve())

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..schedule import SCHEDULE_NAMES, NoiseSchedule
+from ..schedule import SCHEDULE_NAMES, NoisePath, NoiseSchedule
 from .base import EpsModel
 
 __all__ = ["ModuleDenoiser", "parse_sample_shape", "read_scheduler_config", "schedule_from"]
@@ -85,7 +85,7 @@ def schedule_from(value: NoiseSchedule | str | os.PathLike) -> tuple[NoiseSchedu
         >>> schedule_from("squaredcos_cap_v2")[0].beta_schedule, schedule_from("linear")[1]
         ('squaredcos_cap_v2', None)
     """
-    if isinstance(value, NoiseSchedule):
+    if isinstance(value, NoisePath):
         return value, None
     text = os.fspath(value)
     if text in SCHEDULE_NAMES or text == "cosine":
@@ -95,7 +95,7 @@ def schedule_from(value: NoiseSchedule | str | os.PathLike) -> tuple[NoiseSchedu
                          f"scheduler_config.json file; got {text!r} (no such file).")
     cfg = read_scheduler_config(text)
     try:
-        schedule = NoiseSchedule.from_config(cfg)
+        schedule = NoisePath.from_config(cfg)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"schedule file {text!r}: {exc}") from exc
     pred = cfg.get("prediction_type")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..schedule import NoiseSchedule
+from ..schedule import NoisePath
 from .base import EpsModel, check_output
 from .external import parse_sample_shape
 from .spec import import_spec, is_file_location, spec_of_class, split_spec
@@ -36,10 +36,10 @@ class ModelSpecRequired(ValueError):
         self.spec = spec
 
 
-def _protocol_check(module: Any) -> NoiseSchedule:
+def _protocol_check(module: Any) -> NoisePath:
     name = type(module).__name__
     schedule = getattr(module, "vrg_schedule", None)
-    lacks = [k for k, ok in (("vrg_schedule (a NoiseSchedule)", isinstance(schedule, NoiseSchedule)),
+    lacks = [k for k, ok in (("vrg_schedule (a noise path, e.g. NoiseSchedule)", isinstance(schedule, NoisePath)),
                              ("vrg_denoiser() returning (x, alpha_bar[B], class_labels) -> eps",
                               callable(getattr(module, "vrg_denoiser", None)))) if not ok]
     if lacks:

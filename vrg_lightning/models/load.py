@@ -10,7 +10,8 @@ checkpoint of a protocol LightningModule    its class (``vrg["module"]``, Lightn
 ``model=SPEC`` (an ``nn.Module`` factory)   ``model(x, t)`` with ``schedule``, ``prediction_type``,
                                             ``sample_shape`` (given, or recorded by ``vrg profile``):
                                             :class:`ModuleDenoiser`
-``diffusers_dir=DIR``                       a ``UNet2DModel`` / ``DDPMPipeline`` / ``DDIMPipeline`` folder
+``diffusers_dir=DIR``                       a ``UNet2DModel`` / ``DDPMPipeline`` / ``DDIMPipeline`` folder, or a
+                                            ``StableDiffusionPipeline`` folder: :class:`LatentDenoiser`
 ==========================================  ======================================================================
 
 A file written by ``vrg profile --model SPEC`` records the SPEC (not the code or the weights): loading it without
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import VRG_KEY, check_same_schedule, load_checkpoint_file, read_vrg
-from ..schedule import NoiseSchedule
+from ..schedule import NoisePath, NoiseSchedule
 from .base import check_prediction_type, device_dtype
 from .external import ModuleDenoiser, parse_sample_shape, schedule_from, stored_spec_section
 from .lightning import ModelSpecRequired, ProtocolDenoiser, load_lightning_module, stored_class_path
@@ -45,7 +46,7 @@ class LoadedModel:
     Attributes:
         denoiser: the model, in eval mode on CPU (the denoiser protocol).
         vrg: the validated ``vrg`` section of the checkpoint, or ``None`` (no checkpoint, or no statistics yet).
-        kind: ``diffusion_module``, ``lightning``, ``spec`` or ``diffusers``.
+        kind: ``diffusion_module``, ``lightning``, ``spec``, ``diffusers`` or ``latent`` (a Stable Diffusion folder).
         checkpoint: the checkpoint dict a new file copies (its weights; ``{}`` for a SPEC model).
         sections: the ``vrg`` keys that let a new file rebuild the model (``model`` and/or ``module``).
     """
@@ -117,25 +118,25 @@ def load_diffusion_module(ckpt: Mapping[str, Any], name: str, use_ema: bool = Tr
     return denoiser.eval().requires_grad_(False)
 
 
-def _check_given(den: Any, what: str, schedule: NoiseSchedule | None, prediction_type: str | None,
+def _check_given(den: Any, what: str, schedule: NoisePath | None, prediction_type: str | None,
                  sample_shape: tuple[int, ...] | None) -> None:
     """A model that brings its own settings must agree with the ones given."""
     for arg, given, own in (("schedule", schedule, den.schedule), ("prediction_type", prediction_type,
                             den.prediction_type), ("sample_shape", sample_shape, tuple(den.sample_shape))):
         if given is not None and given != own:
-            shown = given.to_dict() if isinstance(given, NoiseSchedule) else given
-            mine = own.to_dict() if isinstance(own, NoiseSchedule) else own
+            shown = given.to_dict() if isinstance(given, NoisePath) else given
+            mine = own.to_dict() if isinstance(own, NoisePath) else own
             raise ValueError(f"{arg}={shown!r} does not match {what}'s own {mine!r}; leave it out, or give another "
                              "model.")
 
 
-def _from_spec(obj: Any, spec: str, vrg: Mapping[str, Any] | None, schedule: NoiseSchedule | None,
+def _from_spec(obj: Any, spec: str, vrg: Mapping[str, Any] | None, schedule: NoisePath | None,
                prediction_type: str | None, sample_shape: tuple[int, ...] | None) -> ModuleDenoiser:
     stored = vrg.get("model") if isinstance(vrg, Mapping) else None
     stored = stored if isinstance(stored, Mapping) and "spec" in stored else {}
     stored_schedule = vrg.get("schedule") if isinstance(vrg, Mapping) else None
     if schedule is None and isinstance(stored_schedule, Mapping):
-        schedule = NoiseSchedule.from_dict(stored_schedule)
+        schedule = NoisePath.from_dict(stored_schedule)
     recorded = {"prediction_type": stored.get("prediction_type"),
                 "sample_shape": None if stored.get("sample_shape") is None else tuple(stored["sample_shape"])}
     for arg, given in (("prediction_type", prediction_type), ("sample_shape", sample_shape)):
@@ -174,6 +175,10 @@ def _stored_model(ckpt: Mapping[str, Any], source: Any, name: str, use_ema: bool
         spec = str(model["spec"])
         raise ModelSpecRequired(f"{name} records the model SPEC {spec!r} (its profile and trajectories, not its code "
                                 f"or weights); pass model={spec!r}.", spec)
+    if isinstance(model, Mapping) and isinstance(model.get("latent_pipeline"), Mapping):
+        where = model["latent_pipeline"].get("diffusers_dir")
+        raise ValueError(f"{name} records the Stable Diffusion pipeline folder {where!r} (its profile and "
+                         f"trajectories, not its weights); pass diffusers_dir={where!r}.")
     if isinstance(model, Mapping) and "denoiser" in model:
         return load_diffusion_module(ckpt, name, use_ema), "diffusion_module"
     class_path = stored_class_path(ckpt)
@@ -195,6 +200,8 @@ def _sections(den: Any, kind: str, ckpt: Mapping[str, Any] | None, source: Mappi
         return {"module": {"class_path": den.class_path, "sample_shape": list(den.sample_shape)}}
     if kind == "diffusers":
         return {"model": dict(model_section(den.config(), "model.", None), source=dict(source or {}))}
+    if kind == "latent":  # the folder, not its weights (gigabytes): a file records where to load them again
+        return {"model": {"latent_pipeline": dict(source or {}), "sample_shape": list(den.sample_shape)}}
     vrg = (ckpt or {}).get(VRG_KEY) or {}
     return {"model": dict(vrg.get("model") or {})}
 
@@ -204,7 +211,7 @@ def load_model(
     *,
     model: str | None = None,
     diffusers_dir: str | os.PathLike | None = None,
-    schedule: NoiseSchedule | str | os.PathLike | None = None,
+    schedule: NoisePath | str | os.PathLike | None = None,
     prediction_type: str | None = None,
     sample_shape: Sequence[int] | str | None = None,
     use_ema: bool = True,
@@ -248,7 +255,7 @@ def load_model(
         from .diffusers import load_diffusers_dir
 
         den, where = load_diffusers_dir(diffusers_dir, schedule=sched, prediction_type=pred)
-        kind = "diffusers"
+        kind = "latent" if "pipeline" in where else "diffusers"  # a Stable Diffusion folder (models.latent)
         _check_given(den, f"the UNet of {os.fspath(diffusers_dir)!r}", None, None, shape)
     elif model is not None:
         obj = import_spec(model, "model")

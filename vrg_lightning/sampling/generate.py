@@ -73,7 +73,7 @@ def generate(
 
     Raises:
         ValueError: ``num_samples``/``start`` not an integer >= 0, ``batch_size`` not >= 1, an invalid trajectory or
-            solver.
+            solver, or a trajectory outside a VE model's σ range.
     """
     from tqdm.auto import tqdm
 
@@ -83,6 +83,9 @@ def generate(
     own_device, dtype = device_dtype(denoiser)
     dev = torch.device(device) if device is not None else own_device
     ab = validate_trajectory(alpha_bar).cpu()  # CPU coefficients and timesteps: no GPU sync per step
+    path = getattr(denoiser, "schedule", None)
+    if path is not None and hasattr(path, "check_covers"):
+        path.check_covers(ab)  # a VE model is undefined outside its σ range
     shape = sample_shape(denoiser)
     clip = getattr(denoiser, "clip_range", 1.0)
     out = []
