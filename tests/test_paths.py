@@ -125,13 +125,25 @@ def _eps_mse(prediction_type: str, ab: torch.Tensor) -> torch.Tensor:
     return k**2 * _out_mse(ab)
 
 
+def _scale_of(path: NoisePath, ab: torch.Tensor) -> torch.Tensor:
+    """x / x_vp = √(α² + σ²) from each path's own α, σ (independent of NoisePath.input_scale)."""
+    s = ((1 - ab) / ab).sqrt()  # σ/α
+    if path.path == "ve":  # α = 1, σ = s
+        return (1 + s**2).sqrt()
+    if path.path == "rectified_flow":  # α = 1 - σ_f, σ = σ_f with σ_f / (1 - σ_f) = s
+        sig = s / (1 + s)
+        return ((1 - sig) ** 2 + sig**2).sqrt()
+    return torch.ones_like(ab)
+
+
 class _Gauss(EpsModel):
     """The exact denoiser of N(0, S0² I) data on a path, in the path's coordinates and prediction type, plus an
     independent N(0, _out_mse) error in its output when ``noisy``."""
 
-    def __init__(self, path: NoisePath, prediction_type: str, noisy: bool = False, dim: int = 8) -> None:
+    def __init__(self, path: NoisePath, prediction_type: str, noisy: bool = False, dim: int = 8,
+                 s0: float = S0) -> None:
         super().__init__(path, prediction_type)
-        self.noisy, self.dim = noisy, dim
+        self.noisy, self.dim, self.s0 = noisy, dim, s0
         self.gen = torch.Generator().manual_seed(1)
 
     @property
@@ -140,10 +152,10 @@ class _Gauss(EpsModel):
 
     def model_output(self, x, t, class_labels=None):
         ab = self.schedule.t_to_alpha_bar(t.double())  # the model knows its level only through its time input
-        c = self.schedule.input_scale(ab)
-        x_vp = x if c is None else x / c
+        ab = ab.reshape(-1, *([1] * (x.ndim - 1))) if ab.ndim else ab
+        x_vp = x / _scale_of(self.schedule, ab)
         a, s = ab.sqrt(), (1 - ab).sqrt()
-        eps = s * x_vp / (a**2 * S0**2 + s**2)
+        eps = s * x_vp / (a**2 * self.s0**2 + s**2)
         out = training_target(self.prediction_type, (x_vp - s * eps) / a, eps, a, s)
         if self.noisy:
             out = out + _out_mse(ab).sqrt() * torch.randn(x.shape, generator=self.gen, dtype=x.dtype)
@@ -179,3 +191,21 @@ def test_monte_carlo_check_can_fail() -> None:
         sample("ddim", _Gauss(path, pred).double().eps_fn(), x, ab)
     wrong = float(cpe(ab, _out_mse, "paper"))
     assert abs(float(diff.var()) / wrong - 1) > 0.2
+
+
+@pytest.mark.parametrize("name", NOISE_PATHS)
+def test_probe_measures_the_posterior_variance_on_every_path(name: str) -> None:
+    """The exact denoiser of N(0, I) data has E‖ε̂ - ε‖²/d = ᾱ at every level of every path (the posterior variance
+    of ε given x_vp): the probe (VP-coordinate noising on the path's levels, the path's time, the prediction-type
+    conversion) must measure that, bin by bin (the input scale itself: test_path_coordinates)."""
+    from vrg_lightning.probe import probe_profile
+
+    path, pred = PATHS[name]
+    data = torch.randn(512, 8, generator=torch.Generator().manual_seed(3))
+    prof = probe_profile(_Gauss(path, pred, s0=1.0).double(), data, path, num_samples=8192, num_bins=8,
+                         batch_size=1024)
+    # mean of ᾱ over each bin's levels: the probe draws levels uniformly within a bin
+    levels = path.alphas_cumprod
+    idx = prof.bin_index(torch.log(levels) - torch.log1p(-levels))
+    want = torch.stack([levels[idx == k].mean() for k in range(prof.num_bins)])
+    torch.testing.assert_close(prof.mse.double(), want, rtol=0.1, atol=2e-3)
