@@ -95,3 +95,22 @@ def test_flow_checkpoint_roundtrip_keeps_the_path() -> None:
     again = Denoiser.from_config(m.model.config())
     assert again.schedule == RectifiedFlow(shift=2.0) and again.prediction_type == "flow"
     assert VEPath().to_dict()["path"] == "ve"
+
+
+@pytest.mark.parametrize(("path", "pred"), [(VEPath(sigma_max=80.0, conditioning="edm"), "sample"),
+                                            (VEPath(), "epsilon")])
+def test_vrg_scheduler_loop_on_ve_equals_the_toolkit_sampler(path, pred: str) -> None:
+    """VE: the pipeline's samples are x₀ + σ ε (init_noise_sigma ≈ σ_max), the model is called with c_noise or σ."""
+    torch.manual_seed(0)
+    den = Denoiser(dict(TINY_UNET), path, pred).double().eval()
+    ab = make_trajectory(path, "karras", 5)
+    sched = VRGScheduler(alpha_bar=ab.tolist(), solver="dpmpp_2m", noise_path=path.to_dict(), prediction_type=pred)
+    assert abs(sched.init_noise_sigma - (1 / float(ab[-1])) ** 0.5) < 1e-9  # √(1 + σ_max²)
+    x_vp = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = sample("dpmpp_2m", den.eps_fn(), x_vp, ab)
+        sched.set_timesteps(5)
+        x = x_vp * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.step(den.unet(x, t).sample, t, x).prev_sample
+    torch.testing.assert_close(x, want, rtol=1e-8, atol=1e-8)
