@@ -245,6 +245,19 @@ def test_from_checkpoint_takes_the_validated_winner(tmp_path: Path) -> None:
         VRGScheduler.from_checkpoint(plain, solver="pndm", steps=4)
 
 
+def test_from_checkpoint_picks_the_entry_of_a_guidance_scale(tmp_path: Path) -> None:
+    base = make_trajectory(SCHED, "logSNR", 4)
+    per_w = {w: {"solver": "ddim", "steps": 4, "base": "logSNR", "objective": "paper", "lp": 0.1,
+                 "guidance_scale": w, "alpha_bar": torch.sigmoid(torch.logit(base) + 0.01 * w).tolist()}
+             for w in (3.0, 7.5)}
+    ckpt = make_checkpoint(tmp_path / "g.ckpt", extra_entries=list(per_w.values()))
+    for w, entry in per_w.items():
+        sched = VRGScheduler.from_checkpoint(ckpt, solver="ddim", steps=4, base="logSNR", guidance_scale=w)
+        assert sched.config.alpha_bar == entry["alpha_bar"]
+    with pytest.raises(ValueError, match="No stored VRG trajectory"):
+        VRGScheduler.from_checkpoint(ckpt, solver="ddim", steps=4, base="logSNR", guidance_scale=5.0)
+
+
 def test_save_and_load_round_trip_the_trajectory(tmp_path: Path, unet: UNet2DModel) -> None:
     ab = torch.sigmoid(torch.logit(make_trajectory(SCHED, "karras", 7)) + 1e-3 * torch.rand(7, dtype=torch.float64))
     sched = VRGScheduler(alpha_bar=ab, solver="deis", solver_options={"order": 2}, beta_schedule="scaled_linear",

@@ -157,12 +157,13 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | Mapping[str, Any], solver: str, steps: int,
-                        base: str | None = None, objective: str | None = None, lp: float | None = None
-                        ) -> VRGScheduler:
+                        base: str | None = None, objective: str | None = None, lp: float | None = None,
+                        guidance_scale: float | None = None) -> VRGScheduler:
         """The stored trajectory of a checkpoint (``checkpoint["vrg"]``) for ``(solver, steps, ...)`` and its schedule.
 
         The entry is chosen by :func:`vrg_lightning.checkpoint.select_entry` (validated winners first; ``None`` =
-        any). ``path`` may also be a checkpoint dict or its ``vrg`` section.
+        any; ``guidance_scale``: among entries optimised for several guidance scales, the one for this scale).
+        ``path`` may also be a checkpoint dict or its ``vrg`` section.
 
         Raises:
             ValueError: no ``vrg`` section, no matching entry or several (the message lists them).
@@ -170,7 +171,7 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
         from .checkpoint import read_vrg, select_entry
 
         vrg = read_vrg(path)
-        entry = select_entry(vrg, solver, steps, base, objective, lp)
+        entry = select_entry(vrg, solver, steps, base, objective, lp, guidance_scale=guidance_scale)
         sched = dict(vrg["schedule"])
         noise = NoisePath.from_dict(sched)
         kw: dict[str, Any] = ({"noise_path": noise.to_dict()} if not isinstance(noise, NoiseSchedule) else
