@@ -30,7 +30,7 @@ from vrg_lightning import VRGScheduler  # noqa: E402
 from vrg_lightning.checkpoint import build_vrg_state  # noqa: E402
 from vrg_lightning.denoiser import Denoiser  # noqa: E402
 from vrg_lightning.models import LatentDenoiser, load_model, load_pipeline_dir  # noqa: E402
-from vrg_lightning.models.guided import LatentCaptions, probe_guided  # noqa: E402
+from vrg_lightning.models.guided import GuidedMoments, LatentCaptions, probe_guided, probe_guided_moments  # noqa: E402
 from vrg_lightning.optimize import TrajectoryGrid, compute_entries  # noqa: E402
 from vrg_lightning.schedule import NoiseSchedule  # noqa: E402
 from vrg_lightning.solvers import sample  # noqa: E402
@@ -175,6 +175,40 @@ def test_guided_profiles_measure_the_guided_error_against_the_added_noise(profil
     assert bool((m[W] > 1.02 * m[1.0]).all())  # the guidance drift adds error at every level: one profile per scale
 
 
+def test_single_pass_profiles_equal_the_per_scale_probe(den: LatentDenoiser, data: LatentCaptions,
+                                                        profiles: dict, tmp_path: Path) -> None:
+    """One pass (both predictions at each (x_t, ε), mixed power sums) gives every scale's profile: all seven sum
+    rows (counts, λ, Σe..Σe⁴) equal the per-scale probe's, which evaluates ε̂_w itself at each scale."""
+    opts = dict(num_samples=256, num_bins=8, seed=3, batch_size=128)
+    per_scale = probe_guided(den, data, [0.0, 1.0, W], single_pass=False, **opts)
+    for w, p in per_scale.items():
+        one = profiles[w]
+        assert torch.equal(one.sums[:3], p.sums[:3]) and one.meta["guidance_scale"] == w == p.meta["guidance_scale"]
+        assert torch.allclose(one.sums[3:], p.sums[3:], rtol=2e-4, atol=1e-6 * float(p.sums[4].max())), w
+        assert torch.allclose(one.mse, p.mse, rtol=1e-4) and one.moments == 4
+    # a scale that was never probed comes from the same sums; ranks add; the sums are a plain, safe file
+    moments = probe_guided_moments(den, data, **opts)
+    shards = [probe_guided_moments(den, data, rank=r, world_size=2, **opts) for r in (0, 1)]
+    assert torch.allclose((shards[0] + shards[1]).sums, moments.sums, rtol=1e-6)
+    torch.save(moments.to_dict(), tmp_path / "m.pt")
+    back = GuidedMoments.from_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert torch.equal(back.profile(3.0).sums, moments.profile(3.0).sums)
+    assert float(back.profile(3.0).mse.min()) > float(profiles[1.0].mse.min())
+
+
+def test_guided_profiles_need_a_conditional_model(data: LatentCaptions) -> None:
+    torch.manual_seed(0)
+    uncond = Denoiser(schedule=SD_SCHEDULE, unet=UNet2DModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
+    with pytest.raises(ValueError, match="LatentCaptions .* need a text-conditioned model"):
+        probe_guided(uncond, data, [3.0])
+    with pytest.raises(ValueError, match="has num_classes=None"):
+        probe_guided(uncond, [(torch.zeros(4, 8, 8), 0)], [3.0])
+    with pytest.raises(ValueError, match="guidance_scales must be one or more finite numbers"):
+        probe_guided(uncond, data, [float("nan")])
+
+
 def test_latent_captions_files_and_lengths(den: LatentDenoiser, data: LatentCaptions, tmp_path: Path) -> None:
     path = data.save(tmp_path / "latents.pt")
     back = LatentCaptions.load(path)
@@ -208,6 +242,42 @@ def test_pipeline_with_vrg_scheduler_equals_toolkit_sampler(den: LatentDenoiser,
     close(got, ref)
     assert torch.equal(embedded, ref)  # strings and their embeddings are one input
     assert float((unguided - ref).abs().max()) > 0.05 * float(ref.abs().max())  # guidance is in both
+
+
+def test_generate_samples_prompts_under_guidance(den: LatentDenoiser) -> None:
+    """``generate(labels=prompts)``: the seeded noise of each index, the given prompts instead of seeded labels."""
+    from vrg_lightning.sampling import generate, initial_noise
+
+    ab = make_trajectory(SD_SCHEDULE, "logSNR", STEPS)
+    got = generate(den, ab, "ddim", 3, 5, start=1, batch_size=2, guidance_scale=W, labels=["a cat", "a dog", "a cat"])
+    x, _ = initial_noise(5, 1, 4, den.sample_shape)
+    with torch.no_grad():
+        ref = sample("ddim", den.eps_fn(["a cat", "a dog", "a cat"], W), x, ab)
+    close(got, ref)
+    emb = generate(den, ab, "ddim", 3, 5, start=1, batch_size=3, guidance_scale=W,
+                   labels=den.encode_prompt(["a cat", "a dog", "a cat"]))
+    close(emb, ref)
+    with pytest.raises(ValueError, match="labels must hold one label .* per sample, num_samples=3; got 2 of them"):
+        generate(den, ab, "ddim", 3, 5, guidance_scale=W, labels=PROMPTS)
+    with pytest.raises(ValueError, match="guidance_scale=7.5 needs prompts"):
+        generate(den, ab, "ddim", 2, 5, guidance_scale=W)
+
+
+def test_entries_are_selected_by_guidance_scale(profiles: dict, vrg: dict) -> None:
+    """Entries of one cell optimised on different scales' profiles: ``select_entry(guidance_scale=)`` picks one; an
+    entry without the key was optimised for w = 1; without the argument the lookup asks for it."""
+    from vrg_lightning.checkpoint import select_entry
+
+    grid = TrajectoryGrid(solvers=("ddim",), steps=(STEPS,), bases=("time_uniform",))
+    (plain,) = compute_entries(profiles[1.0], SD_SCHEDULE, grid)
+    both = {"entries": [plain, next(e for e in vrg["entries"] if e["solver"] == "ddim")]}
+    assert "guidance_scale" not in plain and plain["cpe_before"] != both["entries"][1]["cpe_before"]
+    assert select_entry(both, "ddim", STEPS, guidance_scale=W) == both["entries"][1]
+    assert select_entry(both, "ddim", STEPS, guidance_scale=1) == plain
+    with pytest.raises(ValueError, match="2 stored VRG trajectories match .* lp or guidance_scale"):
+        select_entry(both, "ddim", STEPS)
+    with pytest.raises(ValueError, match="No stored VRG trajectory for solver=ddim, steps=6, guidance_scale=3"):
+        select_entry(both, "ddim", STEPS, guidance_scale=3)
 
 
 def test_pipeline_images_are_the_decoded_latents(den: LatentDenoiser, pipe: StableDiffusionPipeline) -> None:

@@ -189,12 +189,16 @@ def describe_entry(e: Mapping[str, Any]) -> str:
 
 
 def matching_entries(vrg: Mapping[str, Any], solver: str, steps: int, base: str | None = None,
-                     objective: str | None = None, lp: float | None = None) -> list[dict[str, Any]]:
-    """Stored entries whose fields equal the given ones (``None`` = any; ``lp`` compared to 1e-12)."""
+                     objective: str | None = None, lp: float | None = None,
+                     guidance_scale: float | None = None) -> list[dict[str, Any]]:
+    """Stored entries whose fields equal the given ones (``None`` = any; ``lp`` compared to 1e-12;
+    ``guidance_scale`` to 1e-9, an entry without one counting as optimised for w = 1)."""
     want = {"solver": solver, "steps": int(steps), "base": base, "objective": objective}
 
     def ok(e: Mapping[str, Any]) -> bool:
         if any(v is not None and e.get(k) != v for k, v in want.items()):
+            return False
+        if guidance_scale is not None and abs(float(e.get("guidance_scale", 1.0)) - float(guidance_scale)) > 1e-9:
             return False
         return lp is None or (e.get("lp") is not None and abs(float(e["lp"]) - float(lp)) <= 1e-12)
 
@@ -202,8 +206,11 @@ def matching_entries(vrg: Mapping[str, Any], solver: str, steps: int, base: str 
 
 
 def select_entry(vrg: Mapping[str, Any] | None, solver: str, steps: int, base: str | None = None,
-                 objective: str | None = None, lp: float | None = None) -> dict[str, Any]:
+                 objective: str | None = None, lp: float | None = None,
+                 guidance_scale: float | None = None) -> dict[str, Any]:
     """The stored entry for ``(solver, steps)`` and the optional fields (``None`` = any): the one lookup rule.
+    ``guidance_scale`` picks among entries optimised for different guidance scales (the entry's
+    ``guidance_scale``; an entry without one was optimised for w = 1).
 
     Among the matches, an entry that validated tuning selected (``validated.selected is True``) wins; otherwise the
     match must be unique.
@@ -220,10 +227,10 @@ def select_entry(vrg: Mapping[str, Any] | None, solver: str, steps: int, base: s
     if not vrg:
         raise ValueError(f"The checkpoint has no stored VRG trajectories (checkpoint['vrg']). To create them, "
                          f"{HOW_TO_CREATE}; or sample a base trajectory.")
-    found = matching_entries(vrg, solver, steps, base, objective, lp)
+    found = matching_entries(vrg, solver, steps, base, objective, lp, guidance_scale)
     asked = ", ".join(f"{k}={v}" for k, v in
-                      {"solver": solver, "steps": int(steps), "base": base, "objective": objective, "lp": lp}.items()
-                      if v is not None)
+                      {"solver": solver, "steps": int(steps), "base": base, "objective": objective, "lp": lp,
+                       "guidance_scale": guidance_scale}.items() if v is not None)
     if not found:
         stored = sorted({(str(e.get("solver")), int(e.get("steps", 0)), str(e.get("base")))
                          for e in vrg.get("entries", [])})
@@ -234,7 +241,8 @@ def select_entry(vrg: Mapping[str, Any] | None, solver: str, steps: int, base: s
     pick = selected or found
     if len(pick) > 1:
         raise ValueError(f"{len(pick)} stored VRG trajectories match {asked}: "
-                         f"{'; '.join(describe_entry(e) for e in pick)}. Pick one by base, objective or lp.")
+                         f"{'; '.join(describe_entry(e) for e in pick)}. Pick one by base, objective, lp or "
+                         "guidance_scale.")
     return dict(pick[0])
 
 

@@ -9,7 +9,8 @@
   checkpoint.
 - :mod:`.diffusers`: a ``UNet2DModel`` / ``DDPMPipeline`` / ``DDIMPipeline`` folder.
 - :mod:`.latent`: :class:`LatentDenoiser`, a ``StableDiffusionPipeline`` folder (latents, prompts, guidance).
-- :mod:`.guided`: guided error profiles (one per scale) of latents with their captions (:func:`probe_guided`).
+- :mod:`.guided`: guided error profiles (one per scale, every scale from one pass: :class:`GuidedMoments`) of
+  latents with their captions or of a class-conditional model (:func:`probe_guided`).
 - :mod:`.load`: :func:`load_model`.
 
 The toolkit's own ``UNet2DModel`` adapter is :class:`vrg_lightning.denoiser.Denoiser`.
@@ -20,7 +21,7 @@ from __future__ import annotations
 from .base import PREDICTION_TYPES, EpsModel, check_output, check_prediction_type, device_dtype, to_epsilon
 from .diffusers import PIPELINES, load_diffusers_dir
 from .external import ModuleDenoiser, parse_sample_shape, read_scheduler_config, schedule_from
-from .guided import LatentCaptions, probe_guided
+from .guided import GuidedMoments, LatentCaptions, probe_guided, probe_guided_moments
 from .latent import LATENT_PIPELINES, LatentDenoiser, load_pipeline_dir
 from .lightning import ModelSpecRequired, ProtocolDenoiser, load_lightning_module, module_section, stored_class_path
 from .load import LoadedModel, check_model, load_diffusion_module, load_model
@@ -29,7 +30,7 @@ from .spec import build_module, import_spec, is_spec, spec_of_class, split_spec
 __all__ = [
     "PREDICTION_TYPES", "EpsModel", "to_epsilon", "check_output", "check_prediction_type", "device_dtype",
     "PIPELINES", "load_diffusers_dir", "LATENT_PIPELINES", "LatentDenoiser", "load_pipeline_dir",
-    "LatentCaptions", "probe_guided",
+    "LatentCaptions", "probe_guided", "GuidedMoments", "probe_guided_moments",
     "ModuleDenoiser", "parse_sample_shape", "read_scheduler_config", "schedule_from",
     "ModelSpecRequired", "ProtocolDenoiser", "load_lightning_module", "module_section", "stored_class_path",
     "LoadedModel", "check_model", "load_diffusion_module", "load_model",

@@ -5,6 +5,7 @@ one seed gives the same images everywhere."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ def generate(
     guidance_scale: float = 1.0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    labels: Tensor | Sequence[Any] | None = None,
     **solver_options: Any,
 ) -> Tensor:
     """Samples ``start .. start+num_samples-1`` of ``seed`` in one process (float32, CPU), of any sample shape, clamped
@@ -69,17 +71,27 @@ def generate(
         guidance_scale: classifier-free guidance weight (class-conditional models).
         device: where to run (default: the denoiser's device).
         progress: a tqdm bar over the batches.
+        labels: what sample ``start + k`` is conditioned on, ``labels[k]`` (``num_samples`` of them: class labels
+            ``[N]``, prompts as a list of strings or embeddings ``[N, L, D]`` for a
+            :class:`~vrg_lightning.models.LatentDenoiser`), used instead of the seeded class labels; the noise is
+            still that of ``(seed, index)``.
         **solver_options: passed to :func:`vrg_lightning.solvers.sample`.
 
     Raises:
-        ValueError: ``num_samples``/``start`` not an integer >= 0, ``batch_size`` not >= 1, an invalid trajectory or
-            solver, or a trajectory outside a VE model's σ range.
+        ValueError: ``num_samples``/``start`` not an integer >= 0, ``batch_size`` not >= 1, ``labels`` not one per
+            sample, an invalid trajectory or solver, or a trajectory outside a VE model's σ range.
     """
     from tqdm.auto import tqdm
 
     for name, v, lo in (("num_samples", num_samples, 0), ("batch_size", batch_size, 1), ("start", start, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}.")
+    if labels is not None and (isinstance(labels, str) or not hasattr(labels, "__len__")
+                               or len(labels) != num_samples):
+        got = f"{len(labels)} of them" if hasattr(labels, "__len__") and not isinstance(labels, str) else \
+            type(labels).__name__
+        raise ValueError(f"labels must hold one label (class, prompt or embedding) per sample, num_samples="
+                         f"{num_samples}; got {got}.")
     own_device, dtype = device_dtype(denoiser)
     dev = torch.device(device) if device is not None else own_device
     ab = validate_trajectory(alpha_bar).cpu()  # CPU coefficients and timesteps: no GPU sync per step
@@ -92,8 +104,10 @@ def generate(
     for a in tqdm(range(start, start + num_samples, batch_size), desc=f"sampling {solver}", disable=not progress,
                   leave=False):
         b = min(a + batch_size, start + num_samples)
-        x, labels = initial_noise(seed, a, b, shape, denoiser.num_classes)
-        eps_fn = denoiser.eps_fn(None if labels is None else labels.to(dev), guidance_scale)
+        x, y = initial_noise(seed, a, b, shape, None if labels is not None else denoiser.num_classes)
+        if labels is not None:
+            y = labels[a - start:b - start]
+        eps_fn = denoiser.eps_fn(y.to(dev) if torch.is_tensor(y) else y, guidance_scale)
         x = x.to(dev, dtype)
         x = solver_sample(solver, eps_fn, x, ab, **solver_options)
         out.append((x if clip is None else x.clamp(-clip, clip)).float().cpu())
