@@ -21,6 +21,15 @@ Grids: ``smoke`` (one 4-step ddim cell, 2 lps; the CI test on a tiny model), ``s
 bases; lp 0.01, 0.1; start free and pinned), ``full`` (ddim, dpmsolver2, dpmsolver3, dpmpp_2m, pndm, deis x 10, 20
 steps x 4 bases x lp 0.01, 0.03, 0.1, 0.3 x paper, solver; start free as in the paper, lambda 100; plus ``disc`` for
 DDIM). ``--pin-start`` overrides a grid's start setting.
+
+Peers (issue 13): ``--peers gits,dmn`` adds each peer's trajectory and VRG on top of it to every cell's candidates
+(GITS from the checkpoint's model, one teacher pass for all cells); ``--side-by-side`` (implies ``--peers gits,dmn``)
+then writes, per solver x steps, the best classic base (lowest screening FID), GITS, DMN, VRG on the best base, VRG
+on each peer (each the lowest screening FID of its kind) and the tuned choice of the best base's cell, all measured
+once more on ``--fresh-seeds``: paired Δ against the best base with t-intervals, the tuned choice against the best
+peer, and the cost of each (seconds and model evaluations to make the trajectory).
+
+    python benchmarks/quality.py --ckpt CKPT --dataset digits --grid small --side-by-side --out runs/side/digits
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from statistics import fmean as mean
 from typing import Any
 
 import torch
@@ -75,6 +85,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", choices=tuple(GRIDS), default="small")
     p.add_argument("--solvers"), p.add_argument("--steps"), p.add_argument("--bases"), p.add_argument("--lps")
     p.add_argument("--objectives")
+    p.add_argument("--peers", default=None, help="peer candidates, comma list of gits,dmn (default: none)")
+    p.add_argument("--side-by-side", action="store_true", help="the peers table on fresh seeds (module docstring)")
     p.add_argument("--pin-start", default=None, choices=PIN_CHOICES,
                    help="start free (lambda), pinned, or both (default: the grid's, else both)")
     p.add_argument("--reg-lambda", type=float, default=100.0)
@@ -102,9 +114,10 @@ def settings_of(a: argparse.Namespace, channels: int) -> TuneSettings:
             g[k] = v
     grid_pin = g.pop("pin_start", "both")
     pin = a.pin_start or grid_pin
-    return TuneSettings.from_dict({**g, "pin_start": pin, "reg_lambda": a.reg_lambda, "fix": not a.no_fix,
-                                   "num_samples": a.num_samples, "screen_seeds": _csv(a.seeds, int),
-                                   "confirm_seeds": _csv(a.confirm_seeds, int),
+    peers = _csv(a.peers, str) or (("gits", "dmn") if a.side_by_side else ())
+    return TuneSettings.from_dict({**g, "pin_start": pin, "peers": peers, "reg_lambda": a.reg_lambda,
+                                   "fix": not a.no_fix, "num_samples": a.num_samples,
+                                   "screen_seeds": _csv(a.seeds, int), "confirm_seeds": _csv(a.confirm_seeds, int),
                                    "features": default_features(a.features or "auto", channels),
                                    "batch_size": a.batch_size, "curvature_samples": 32, "curvature_steps": 100})
 
@@ -139,16 +152,17 @@ def analysis(denoiser: Any, solver: str, cands: list, curvature: Any, mse_fn: An
 
 
 def candidates(path: Path, schedule: Any, profile: Any, st: TuneSettings, solver: str, steps: int, base: str,
-               curvature: Any, cache: dict) -> list[Candidate]:
+               curvature: Any, cache: dict, model: Any = None, peer_cache: dict | None = None) -> list[Candidate]:
     """``make_candidates``, kept in ``path`` (JSON, atomic) so that a rerun (e.g. with other selection settings)
     reuses the optimised trajectories instead of optimising again."""
-    keys = ("lps", "objectives", "pin_start", "reg_lambda", "trust", "mse_mode", "fix")
+    keys = ("lps", "objectives", "pin_start", "reg_lambda", "trust", "mse_mode", "fix", "peers")
     made_with = {k: v for k, v in st.to_dict().items() if k in keys}
     if path.is_file():
         d = json.loads(path.read_text())
         if d.get("settings") == made_with:
             return [Candidate(c["label"], c["kind"], tuple(c["alpha_bar"]), c["info"]) for c in d["candidates"]]
-    cands = make_candidates(schedule, profile, solver, steps, base, st, curvature, cache)
+    cands = make_candidates(schedule, profile, solver, steps, base, st, curvature, cache, model=model,
+                            peer_cache=peer_cache)
     atomic_write_json(path, {"settings": made_with, "candidates": [
         {"label": c.label, "kind": c.kind, "alpha_bar": list(c.alpha_bar), "info": c.info} for c in cands]})
     return cands
@@ -156,11 +170,11 @@ def candidates(path: Path, schedule: Any, profile: Any, st: TuneSettings, solver
 
 def run_cell(ev: FIDEvaluator, den: Any, schedule: Any, profile: Any, st: TuneSettings, solver: str, steps: int,
              base: str, curvature: Any, fresh: tuple[int, ...], do_analysis: bool, analysis_n: int,
-             cache: dict, cand_path: Path) -> dict[str, Any]:
+             cache: dict, cand_path: Path, peer_cache: dict | None = None) -> dict[str, Any]:
     from vrg_lightning.variance import DDIM_LIKE
 
     t0, nfe0 = time.perf_counter(), ev.nfe
-    cands = candidates(cand_path, schedule, profile, st, solver, steps, base, curvature, cache)
+    cands = candidates(cand_path, schedule, profile, st, solver, steps, base, curvature, cache, den, peer_cache)
     chosen, rec = tune_cell(ev, solver, cands, st)
     out: dict[str, Any] = {"solver": solver, "steps": steps, "base": base, "validated": rec, "chosen": chosen.label}
     fb = ev.fids(solver, cands[0].alpha_bar, st.screen_seeds)
@@ -305,6 +319,90 @@ def aggregates(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SIDE_ROWS = ("best base", "GITS", "DMN", "VRG on best base", "VRG on GITS", "VRG on DMN", "tuned")
+
+
+def _cost(c: Candidate) -> tuple[float, int]:
+    """Seconds and model evaluations that made a candidate's trajectory: its peer's (provenance) plus VRG's
+    optimisation (which needs the stored error profile, no model call)."""
+    prov = c.info.get("base_provenance") or {}
+    vrg = float(c.info.get("seconds") or 0.0) if c.kind in ("vrg", "disc") else 0.0
+    return float(prov.get("seconds", 0.0)) + vrg, int(prov.get("model_evaluations", 0))
+
+
+def side_by_side(ev: FIDEvaluator, st: TuneSettings, solver: str, steps: int, cells: dict[str, dict],
+                 cands: dict[str, list[Candidate]], fresh: tuple[int, ...]) -> dict[str, Any]:
+    """One solver x steps: :data:`SIDE_ROWS` (each the lowest screening FID of its kind in the best base's cell) on
+    ``fresh`` seeds against the best base, the tuned choice against the best peer, and the cost of each."""
+    best = min(cells, key=lambda b: mean(cells[b]["validated"]["fid_base_screen"]))
+    cs = cands[best]
+
+    def pick(pred: Any) -> Candidate | None:
+        return min((c for c in cs if pred(c)), key=lambda c: mean(ev.fids(solver, c.alpha_bar, st.screen_seeds)),
+                   default=None)
+
+    chosen = {"best base": cs[0], "GITS": pick(lambda c: c.label == "peer:gits"),
+              "DMN": pick(lambda c: c.label == "peer:dmn"),
+              "VRG on best base": pick(lambda c: c.kind == "vrg" and "peer" not in c.info),
+              "VRG on GITS": pick(lambda c: c.kind == "vrg" and c.info.get("peer") == "gits"),
+              "VRG on DMN": pick(lambda c: c.kind == "vrg" and c.info.get("peer") == "dmn"),
+              "tuned": next(c for c in cs if c.label == cells[best]["chosen"])}
+    fb = ev.fids(solver, cs[0].alpha_bar, fresh)
+    rows: dict[str, Any] = dict.fromkeys(chosen)
+    for name, c in ((k, c) for k, c in chosen.items() if c is not None):  # None: e.g. DMN, solver not covered
+        f = ev.fids(solver, c.alpha_bar, fresh)
+        secs, nfe = _cost(c)
+        rows[name] = {"label": c.label, "fid": f, "mean": mean(f), "seconds": secs, "model_evaluations": nfe,
+                      "diff": paired_difference(fb, f, st.confidence).to_dict()}
+    rows["tuned"]["tuning"] = {"seconds": cells[best]["seconds"], "image_evaluations": cells[best]["image_evaluations"]}
+    bp = min((rows[k] for k in ("GITS", "DMN") if rows[k] is not None), key=lambda r: r["mean"], default=None)
+    vs_peer = None if bp is None else {"peer": bp["label"], **paired_difference(bp["fid"], rows["tuned"]["fid"],
+                                                                                 st.confidence).to_dict()}
+    winner = min((k for k in SIDE_ROWS[:-1] if rows[k] is not None), key=lambda k: rows[k]["mean"])
+    return {"solver": solver, "steps": steps, "best_base": best, "seeds": list(fresh), "rows": rows,
+            "tuned_vs_best_peer": vs_peer, "winner": winner}
+
+
+def side_md(groups: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown of :func:`side_by_side`: mean FID on the fresh seeds and Δ vs the best base (95% CI), the tuned
+    choice against the best peer, the winner; then the cost of each; then the counts the issue asks for."""
+    head = " | ".join(SIDE_ROWS)
+    lines = [f"Dataset `{meta.get('dataset')}`, features `{meta.get('features')}`, {meta.get('num_samples')} images "
+             f"per FID, fresh seeds {meta.get('fresh_seeds')} (screening {meta.get('seeds')}). Each entry: mean FID on "
+             "the fresh seeds, then Δ vs the best base [95% CI].", "",
+             f"| solver | steps | {head} | tuned − best peer [95% CI] | winner |",
+             "|---|---:|" + "---|" * (len(SIDE_ROWS) + 2)]
+    costs = [f"| solver | steps | {head} |", "|---|---:|" + "---|" * len(SIDE_ROWS)]
+    worse = vrg_wins = 0
+    for g in groups:
+        cells, cost = [], []
+        for k in SIDE_ROWS:
+            r = g["rows"][k]
+            if r is None:
+                cells.append("—")
+                cost.append("—")
+                continue
+            d = r["diff"]
+            name = f"{g['best_base']}: " if k == "best base" else (f"{r['label']}: " if k == "tuned" else "")
+            cells.append(f"{name}{_f(r['mean'])} ({_f(d['mean'])} [{_f(d['ci_low'])}, {_f(d['ci_high'])}])")
+            extra = (f"; cell {r['tuning']['seconds']:.0f} s, {r['tuning']['image_evaluations']:,} image NFE"
+                     if k == "tuned" else "")
+            cost.append(f"{r['seconds']:.2f} s, {r['model_evaluations']:,} NFE{extra}")
+        v = g["tuned_vs_best_peer"]
+        worse += bool(v and v["ci_low"] > 0)
+        vrg_wins += g["winner"].startswith("VRG")
+        vp = "—" if v is None else f"{_f(v['mean'])} [{_f(v['ci_low'])}, {_f(v['ci_high'])}] vs {v['peer']}"
+        lines.append(f"| {g['solver']} | {g['steps']} | {' | '.join(cells)} | {vp} | {g['winner']} |")
+        costs.append(f"| {g['solver']} | {g['steps']} | {' | '.join(cost)} |")
+    peer_wins = [f"{g['solver']}/{g['steps']} ({g['winner']})" for g in groups if g["winner"] in ("GITS", "DMN")]
+    lines += ["", "Cost of making each trajectory (seconds, model evaluations; VRG's optimisation uses the stored "
+              "error profile; the tuned choice adds its cell's grid + validation):", "", *costs, "",
+              f"Tuned choice significantly worse than the best peer (95% CI above 0) in {worse} of {len(groups)} "
+              f"cells; VRG (alone or on a peer) has the lowest fresh FID in {vrg_wins} of {len(groups)}; a peer "
+              f"alone in {len(peer_wins)}{': ' + ', '.join(peer_wins) if peer_wins else ''}."]
+    return "\n".join(lines) + "\n"
+
+
 def gaussianity_md(profile: Any, every: int = 10) -> str:
     g = profile.gaussianity()
     lines = ["| λ | ᾱ | MSE | mean | skewness | excess kurtosis |", "|---:|---:|---:|---:|---:|---:|"]
@@ -355,12 +453,13 @@ def main(argv: list[str] | None = None) -> int:
                 curvature = measure_curvature(den, st)
                 atomic_write_json(curv_path, {**curvature.to_dict(), "seconds": time.perf_counter() - t})
         cache: dict = {}
+        peer_cache: dict = {}  # one GITS teacher pass for every cell
         for s, n, b in todo:
             path = cell_dir / f"{s}-{n}-{b}.json"
             if path.is_file():
                 continue
             res = run_cell(ev, den, den.schedule, profile, st, s, n, b, curvature, fresh, a.analysis,
-                           a.analysis_samples, cache, out / "candidates" / f"{s}-{n}-{b}.json")
+                           a.analysis_samples, cache, out / "candidates" / f"{s}-{n}-{b}.json", peer_cache)
             res["meta"] = meta
             atomic_write_json(path, res)
             print(f"{s}/{n}/{b}: {res['seconds']:.1f} s, {res['image_evaluations']} image-NFE, chosen {res['chosen']}"
@@ -371,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
             ab = make_trajectory(den.schedule, "logSNR", a.converged_steps).tolist()
             atomic_write_json(conv_path, {"solver": "dpmpp_2m", "base": "logSNR", "steps": a.converged_steps,
                                           "seeds": list(fresh), "fids": ev.fids("dpmpp_2m", ab, fresh)})
+        for s, n in dict.fromkeys((s, n) for s, n, _ in todo) if a.side_by_side else ():
+            path, names = out / "side" / f"{s}-{n}.json", [f"{s}-{n}-{b}" for b in st.bases]
+            if not path.is_file() and all((cell_dir / f"{k}.json").is_file() for k in names):
+                cs = {b: candidates(out / "candidates" / f"{k}.json", den.schedule, profile, st, s, n, b, curvature,
+                                    cache, den, peer_cache) for b, k in zip(st.bases, names, strict=True)}
+                cl = {b: json.loads((cell_dir / f"{k}.json").read_text()) for b, k in zip(st.bases, names, strict=True)}
+                atomic_write_json(path, side_by_side(ev, st, s, n, cl, cs, fresh))
     if conv_path.is_file():
         meta["converged"] = json.loads(conv_path.read_text())
     cells = [json.loads((cell_dir / f"{s}-{n}-{b}.json").read_text()) for s, n, b in todo
@@ -378,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     md = (summary(cells, meta) + "\nGrid rows grouped (Δ relative to the base FID; significant = 95% CI excludes 0):"
           "\n\n" + aggregates(cells) + "\nGaussianity of the per-bin error (every 10th bin):\n\n"
           + gaussianity_md(profile) + "\n" + rows_md(cells))
+    groups = [json.loads(p.read_text()) for s, n in dict.fromkeys((s, n) for s, n, _ in todo)
+              if (p := out / "side" / f"{s}-{n}.json").is_file()]
+    if groups:
+        atomic_write_text(out / "side.md", side_md(groups, meta))
+        md = "Peers side by side:\n\n" + side_md(groups, meta) + "\n" + md
     atomic_write_text(out / "summary.md", md)
     print(md)
     print(f"{len(cells)}/{len(todo)} cells done; results in {out}", file=sys.stderr)

@@ -167,3 +167,38 @@ def test_peers_flag_takes_a_comma_list_of_peer_names(capsys) -> None:
     with pytest.raises(SystemExit):
         p.parse_args(["tune", "--ckpt", "a", "--out", "b", "--peers", "dmn,unipc"])
     assert "'unipc'" in capsys.readouterr().err
+
+
+def test_quality_side_by_side_lists_every_peer_row_with_its_cost(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import vrg_lightning.peers.bases as peer_bases
+    from vrg_lightning.peers import GITSSettings
+
+    fast = GITSSettings(num_noises=8, batch_size=8)
+    monkeypatch.setattr(peer_bases, "GITSSettings", lambda: fast)  # 8 teacher paths instead of 256
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    ckpt = make_checkpoint(tmp_path / "m.ckpt")
+    out = tmp_path / "q"
+    assert quality.main(["--ckpt", str(ckpt), "--grid", "smoke", "--bases", "time_uniform,logSNR", "--lps", "0.1",
+                         "--pin-start", "free", "--num-samples", "16", "--seeds", "0,1", "--confirm-seeds", "3,4",
+                         "--fresh-seeds", "5,6", "--out", str(out), "--threads", "1", "--side-by-side",
+                         "--converged-steps", "0", "--no-fix"]) == 0
+    side = json.loads((out / "side" / "ddim-4.json").read_text())
+    cells = {b: json.loads((out / "cells" / f"ddim-4-{b}.json").read_text()) for b in ("time_uniform", "logSNR")}
+    screen = {b: sum(c["validated"]["fid_base_screen"]) for b, c in cells.items()}
+    assert side["best_base"] == min(screen, key=screen.get)
+    rows = side["rows"]
+    assert set(rows) == set(quality.SIDE_ROWS) and all(rows[k] is not None for k in rows)
+    assert rows["best base"]["diff"]["mean"] == 0 and rows["best base"]["model_evaluations"] == 0
+    assert rows["GITS"]["label"] == "peer:gits" and rows["GITS"]["model_evaluations"] == 8 * 62
+    assert rows["VRG on GITS"]["model_evaluations"] == 8 * 62  # VRG on a peer pays for the peer
+    assert rows["DMN"]["model_evaluations"] == 0 < rows["DMN"]["seconds"]
+    assert rows["VRG on DMN"]["label"].endswith("@dmn") and "@" not in rows["VRG on best base"]["label"]
+    assert rows["tuned"]["label"] == cells[side["best_base"]]["chosen"]
+    means = {k: r["mean"] for k, r in rows.items() if k != "tuned"}
+    assert side["winner"] == min(means, key=means.get)
+    assert "Tuned choice significantly worse than the best peer" in (out / "side.md").read_text()

@@ -49,9 +49,9 @@ class VRGProfiler(Callback):
             empty ``steps`` stores the profile only).
         optimize_on_save: optimise at checkpoint saves (else only at fit end: earlier checkpoints then hold the
             profile and no entries). A save whose profile did not change reuses the entries; under DDP global rank 0
-            optimises and broadcasts; ``save_budget`` caps the share of wall time spent optimising at saves (a save
-            that would exceed it keeps the last entries, from step ``vrg.profiler.entries_step``; ``None``: no cap;
-            the fit end always optimises) (:class:`~vrg_lightning.optimize.entries.EntryCache`).
+            optimises and broadcasts; ``save_budget`` caps the share of wall time optimising at saves (stale entries
+            refreshed round-robin as they fit, the others kept: entry key ``profile_step``, the oldest in
+            ``vrg.profiler.entries_step``; ``None``: no cap; the fit end does all) (:class:`~.optimize.EntryCache`).
         log_every_n_epochs: log MSE/Gaussianity figures of the free profile every k epochs (0: never).
         resave_last: at fit end, re-save ``ModelCheckpoint.last_model_path`` with the fit-end profile and entries.
         name: distinguishes several instances in a checkpoint (``state_key``).
@@ -109,7 +109,7 @@ class VRGProfiler(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.schedule = protocol_schedule(pl_module, probe=bool(self.probe_at_fit_end or self.probe_every))
-        self._trainer = trainer
+        self._trainer, self._entry_cache.model_fn = trainer, getattr(pl_module, "vrg_denoiser", None)  # for gits
         if self.running is None:
             self.running = ErrorProfile.for_schedule(self.schedule, self.num_bins)
             self.running.source = "free"
@@ -259,7 +259,7 @@ class VRGProfiler(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._train_started = time.perf_counter()
+        self._train_started = self._entry_cache.last_end = time.perf_counter()
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -4,6 +4,11 @@ Examples::
 
     vrg optimize --profile MSE_vs_alpha_bar_cifar10.txt --base time_quadratic --steps 10 --json
     vrg optimize --profile run.pt --trajectory base.txt --solver dpmpp_2m --objective solver --out vrg.txt
+    vrg optimize --profile run.pt --base dmn --steps 10 --solver dpmpp_2m   # VRG on the DMN schedule
+
+``--base gits`` or ``dmn`` (the peer bases, :mod:`vrg_lightning.peers`) reads the values a ``--profile``
+checkpoint stores for that solver and step count (``vrg profile --bases gits,dmn``); otherwise ``dmn`` is computed
+from the schedule and ``gits``, which needs the model, is refused with how to store it.
 
 ``--mse-mode`` defaults to ``paper`` (piecewise linear, as the published code) for MSE tables such as the
 reference TSV (profiles holding only MSE, ``moments == 2``) and to ``fit`` (smooth PCHIP) for measured profiles.
@@ -17,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..optimize.settings import GRID_BASES, MSE_MODES, TRUSTS, OptimizeSettings
+from ..optimize.settings import MSE_MODES, STORED_BASES, TRUSTS, OptimizeSettings
 from ..schedule import SCHEDULE_NAMES
 from ..solvers import SOLVERS
 from ..variance import OBJECTIVES
@@ -30,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="error profile: reference TSV 'ts alpha_bar MSE', a .pt profile, or a checkpoint")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--trajectory", metavar="FILE", help="base trajectory file (alpha_bar per line, cleanest first)")
-    src.add_argument("--base", choices=GRID_BASES, help="generate the base trajectory")
+    src.add_argument("--base", choices=STORED_BASES,
+                     help="generate the base trajectory (gits, dmn: the peers; gits from a --profile checkpoint)")
     parser.add_argument("--steps", type=int, metavar="N", help="number of steps for --base")
     parser.add_argument("--schedule", choices=SCHEDULE_NAMES,
                         help="noise schedule for --base (default: the profile's, else linear)")
@@ -58,11 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _schedule(args: argparse.Namespace, profile: Any) -> Any:
-    from ..schedule import NoiseSchedule
+    from ..schedule import NoisePath, NoiseSchedule
 
     stored = profile.meta.get("schedule") if isinstance(profile.meta, dict) else None
     if args.schedule is None and args.beta_start is None and args.beta_end is None and stored:
-        return NoiseSchedule.from_dict(stored)
+        return NoisePath.from_dict(stored)
     kw: dict[str, Any] = {"beta_schedule": args.schedule or "linear"}
     if args.beta_start is not None:
         kw["beta_start"] = args.beta_start
@@ -71,9 +77,33 @@ def _schedule(args: argparse.Namespace, profile: Any) -> Any:
     return NoiseSchedule(**kw)
 
 
+def _peer(args: argparse.Namespace, schedule: Any) -> Any:
+    """``--base gits|dmn``: the values a ``--profile`` checkpoint stores, else DMN from the schedule; GITS needs the
+    model, which ``vrg optimize`` does not load."""
+    from ..checkpoint import load_checkpoint_file
+    from ..peers import peer_base, stored_peer_base
+
+    try:
+        vrg = load_checkpoint_file(args.profile).get("vrg")
+    except (ValueError, AttributeError):
+        vrg = None  # a profile table or file: nothing stored
+    r = stored_peer_base(vrg if isinstance(vrg, dict) else None, args.base, args.solver, args.steps)
+    if r is None and args.base == "gits":
+        raise ValueError(f"--base gits needs the model (GITS picks its steps from the model's own teacher paths) and "
+                         f"--profile {args.profile} stores no GITS base for --solver {args.solver} --steps "
+                         f"{args.steps}; store one with `vrg profile --ckpt CKPT (or --model SPEC, --diffusers-dir "
+                         "DIR) --data ... --bases gits --solvers ... --steps ... --out NEW.ckpt` and pass --profile "
+                         "NEW.ckpt, or use --base dmn (the schedule alone).")
+    try:
+        return (r or peer_base("dmn", schedule, args.solver, args.steps)).alpha_bar
+    except ValueError as exc:
+        raise ValueError(f"--base {args.base} --solver {args.solver} --steps {args.steps}: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from ..io import check_output_file
     from ..optimize import optimize_trajectory, schedule_range
+    from ..peers import PEER_BASES
     from ..profile import load_profile
     from ..trajectories import load_trajectory, make_trajectory, save_trajectory
 
@@ -92,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.steps is None:
             raise ValueError(f"--base {args.base} needs --steps N (the number of model evaluations).")
-        base = make_trajectory(_schedule(args, profile), args.base, args.steps)
+        base = _peer(args, _schedule(args, profile)) if args.base in PEER_BASES else make_trajectory(
+            _schedule(args, profile), args.base, args.steps)
         source = f"{args.base}:{args.steps}"
     mse_mode = args.mse_mode or ("paper" if profile.moments == 2 else "fit")
     span = None if args.extrapolate else schedule_range(_schedule(args, profile))  # the trained range of ᾱ

@@ -4,6 +4,7 @@ its VRG trajectories (the input is never modified).
 Examples::
 
     vrg profile --ckpt runs/digits/checkpoints/last.ckpt --data digits --out digits_profiled.ckpt
+    vrg profile --ckpt last.ckpt --data digits --bases logSNR,gits,dmn --out peers.ckpt   # peer bases too
     vrg profile --diffusers-dir ./ddpm-cifar10 --data cifar10 --data-root data --out cifar_vrg.ckpt --samples 8192
     vrg profile --model nets/mlp.py:make --schedule linear --prediction-type epsilon --data train.pt --out mlp.pt
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     profile.meta.pop("rank", None)
     profile.meta.update({"data": args.data, "ema": not args.no_ema})
     grid = grid_from_args(args)
-    entries = compute_entries(profile, den.schedule, grid) if grid.steps else []
+    entries = compute_entries(profile, den.schedule, grid, model=den) if grid.steps else []  # den: for gits
     result = dict(loaded.checkpoint)
     sections = dict(loaded.sections)
     model = sections.pop("model", None)

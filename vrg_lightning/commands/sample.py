@@ -91,9 +91,10 @@ def _devices(text: str) -> int | str:
 
 
 def resolve_from_args(args: argparse.Namespace, schedule: Any, vrg: Any, solver: str, steps: int | None,
-                      trajectory: str) -> Any:
+                      trajectory: str, model: Any = None) -> Any:
     """:func:`~vrg_lightning.sampling.resolve_trajectory` with the flags in its errors; prints a note (a tuned
-    entry that kept its base) to stderr. Shared by ``vrg sample`` and ``vrg export``."""
+    entry that kept its base) to stderr. Shared by ``vrg sample`` and ``vrg export``; ``model`` computes a ``gits``
+    trajectory the checkpoint does not store (``vrg sample``)."""
     from ..sampling import resolve_trajectory
 
     given = {"--trajectory": trajectory, "--solver": solver if trajectory == "vrg" else None, "--steps": steps,
@@ -103,7 +104,7 @@ def resolve_from_args(args: argparse.Namespace, schedule: Any, vrg: Any, solver:
         raise ValueError(f"--trajectory {trajectory} needs --steps N.")
     try:
         traj = resolve_trajectory(schedule, vrg, solver, steps, trajectory, base=args.base, objective=args.objective,
-                                  lp=args.lp)
+                                  lp=args.lp, model=model)
     except ValueError as exc:
         raise ValueError(f"{flags}: {exc}" + (" (flags --base, --objective, --lp)" if "match" in str(exc) else "")
                          ) from exc
@@ -173,7 +174,7 @@ def _run_single(args, denoiser, vrg, shape, common, devices) -> int:
         raise ValueError(f"--num-samples {args.num_samples} in shards of --shard-size {args.shard_size} give {shards} "
                          f"shard(s), fewer than the {procs} processes (--devices x --num-nodes); use fewer --devices "
                          "or a smaller --shard-size.")
-    traj = resolve_from_args(args, denoiser.schedule, vrg, solver, steps, trajectory)
+    traj = resolve_from_args(args, denoiser.schedule, vrg, solver, steps, trajectory, model=denoiser)
     ext, ref, fid_desc = _fid_setup(args, shape)
     job = SampleJob(common["checkpoint"]["sha256"], solver, traj.alpha_bar, args.num_samples, args.seed,
                     args.shard_size, float(args.guidance_scale), not args.raw_weights, args.precision, shape)
@@ -208,8 +209,7 @@ def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
     from ..evaluation.paired import paired_compare
     from ..io import atomic_write_json, atomic_write_text
     from ..report import compare_markdown, plot_compare
-    from ..sampling import check_manifest
-    from ..trajectories import make_trajectory
+    from ..sampling import check_manifest, resolve_trajectory
     from ..variance import objective_for_cpe
 
     if args.reference is None:
@@ -247,7 +247,8 @@ def _run_compare(args, denoiser, vrg, shape, common, devices) -> int:
             for base in bases or [None]:  # no base: select_entry raises with the list of stored entries
                 try:
                     entry = select_entry(vrg, solver, steps, base=base, objective=args.objective, lp=args.lp)
-                    cells.append((solver, steps, base, entry, make_trajectory(denoiser.schedule, base, steps)))
+                    base_ab = resolve_trajectory(denoiser.schedule, vrg, solver, steps, base, model=denoiser).tensor
+                    cells.append((solver, steps, base, entry, base_ab))  # a peer base: its stored values
                 except ValueError as exc:
                     where = f"--solver {solver} --steps {steps}" + (f" --trajectory {base}" if base else "")
                     raise ValueError(f"{where}: {exc}") from exc

@@ -18,7 +18,7 @@ import json
 
 from ..evaluation.features import FEATURES
 from ..evaluation.tune import PIN_CHOICES, RANK_CHOICES, TUNE_GRID, TuneSettings
-from ..optimize.settings import GRID_BASES
+from ..optimize.settings import STORED_BASES
 from ..peers import PEERS
 from ..solvers import SOLVERS
 from ._args import add_grid_arguments, add_list_argument
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for --features inception")
     add_list_argument(p, "--solvers", str, None, "solvers to tune (unset: those of the stored entries)", SOLVERS)
     add_list_argument(p, "--steps", int, None, "step counts (unset: those of the stored entries)")
-    add_list_argument(p, "--bases", str, None, "base trajectories (unset: those of the stored entries)", GRID_BASES)
+    add_list_argument(p, "--bases", str, None, "base trajectories (unset: those of the stored entries)", STORED_BASES)
     add_grid_arguments(p, TUNE_GRID, skip=("solvers", "steps", "bases", "pin_start"))
     p.add_argument("--pin-start", default=_D.pin_start, choices=PIN_CHOICES,
                    help=f"start free, pinned or both (default: {_D.pin_start})")

@@ -1,6 +1,7 @@
-"""The candidates of a tuning cell (:func:`make_candidates`): the cell's classic base first, then VRG on it at each
-lp / objective / start, the damped + discretisation-aware variants (DDIM-like solvers), and, for each peer of
-``settings.peers`` (:mod:`vrg_lightning.peers`), the peer's trajectory and VRG on top of it."""
+"""The candidates of a tuning cell (:func:`make_candidates`): the cell's base first (a classic one, or a peer base
+``gits``/``dmn``), then VRG on it at each lp / objective / start, the damped + discretisation-aware variants
+(DDIM-like solvers), and, for each peer of ``settings.peers`` (:mod:`vrg_lightning.peers`), the peer's trajectory
+and VRG on top of it."""
 
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def make_candidates(
     results between cells (the paper objective does not depend on the solver); every candidate keeps its steps in
     the schedule's trained range (:func:`~vrg_lightning.optimize.entries.grid_settings`).
 
+    A cell whose ``base`` is a peer (``gits``, ``dmn``) starts from the peer's trajectory: its base candidate and
+    the VRG candidates on it carry the peer's ``peer`` and ``base_provenance``.
+
     Peers (``settings.peers``): ``peer:<name>`` (kind ``peer``) is the peer's trajectory
     (:func:`vrg_lightning.peers.peer_base`; ``model`` for GITS, ``peer_cache`` shared across cells so one GITS
     teacher pass serves them all), and ``vrg:<objective>:lp=<lp>:<start>@<name>`` VRG on top of it with the same
@@ -71,15 +75,15 @@ def make_candidates(
     """
     from ..optimize.discretization import optimize_disc
     from ..optimize.entries import cache_key, grid_settings, optimize_cached, result_fields, settings_fields
-    from ..peers import entry_fields, peer_base
-    from ..trajectories import make_trajectory
+    from ..peers import base_trajectory, entry_fields, peer_base
     from ..variance import DDIM_LIKE
 
     cache = {} if cache is None else cache
     peer_cache = {} if peer_cache is None else peer_cache
     mse_fn = profile.mse_function(settings.mse_mode)
-    base_ab = make_trajectory(schedule, base, int(steps))
-    base_info: dict[str, Any] = {"objective": None}
+    base_ab, fields = base_trajectory(schedule, base, solver, int(steps), model=model, cache=peer_cache)
+    base_peer = {"peer": base, **fields} if fields else {}  # the cell's base is a peer
+    base_info: dict[str, Any] = {"objective": None, **base_peer}
     out = [Candidate(f"base:{base}", "base", tuple(base_ab.tolist()), base_info)]
     seen = {trajectory_key(out[0].alpha_bar)}
 
@@ -89,9 +93,9 @@ def make_candidates(
             seen.add(trajectory_key(c.alpha_bar))
             out.append(c)
 
-    starts: list[tuple[Tensor, str, dict[str, Any]]] = [(base_ab, "", {})]  # (trajectory, label suffix, info)
+    starts: list[tuple[Tensor, str, dict[str, Any]]] = [(base_ab, "", base_peer)]  # (trajectory, suffix, info)
     skipped: dict[str, str] = {}
-    for name in settings.peers:
+    for name in (p for p in settings.peers if p != base):  # the base's own peer is the base already
         why = peer_skip_reason(name, solver, model)
         if why is not None:
             skipped[f"peer:{name}"] = why

@@ -21,6 +21,8 @@ from .search import optimize_trajectory, optimize_with_profile, trajectory_loss
 from .settings import (
     GRID_BASES,
     MSE_MODES,
+    PEER_BASES,
+    STORED_BASES,
     TRUSTS,
     OptimizeResult,
     OptimizeSettings,
@@ -32,6 +34,8 @@ from .variables import Variables, trust_bounds
 
 __all__ = [
     "GRID_BASES",
+    "PEER_BASES",
+    "STORED_BASES",
     "MSE_MODES",
     "TRUSTS",
     "OptimizeResult",

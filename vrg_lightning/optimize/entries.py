@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..trajectories import make_trajectory
 from ..variance import DDIM_LIKE, MSEFn
 from .search import optimize_trajectory
 from .settings import OptimizeResult, OptimizeSettings, TrajectoryGrid, schedule_range
@@ -111,30 +111,50 @@ def grid_settings(grid: TrajectoryGrid, schedule: Any, solver: str, lp: float, o
 
 
 def compute_entries(
-    profile: Any, schedule: Any, grid: TrajectoryGrid, cache: dict | None = None
+    profile: Any, schedule: Any, grid: TrajectoryGrid, cache: dict | None = None, *, model: Any = None,
+    peer_cache: dict | None = None, peer_refresh: bool = True,
 ) -> list[dict[str, Any]]:
     """Optimise every point of ``grid`` against ``profile``; one entry each, in :meth:`TrajectoryGrid.combinations`
-    order. The ``paper`` objective is optimised once per (steps, base, lp) and recorded for each solver.
+    order. The ``paper`` objective is optimised once per (steps, base, lp) and recorded for each solver. A peer
+    base (``gits``, ``dmn``; :func:`vrg_lightning.peers.base_trajectory`) is computed per (solver, steps) and its
+    entries add ``base_provenance`` (settings, seconds, model evaluations).
 
     Args:
         profile: an :class:`~vrg_lightning.profile.ErrorProfile` (its ``mse_function(grid.mse_mode)`` is the MSE).
         schedule: the :class:`~vrg_lightning.schedule.NoiseSchedule` the base trajectories are made for (and whose
             trained range every step keeps, :func:`grid_settings`).
         grid: the :class:`TrajectoryGrid`.
-        cache: results of earlier calls with the same profile to reuse (:func:`optimize_cached`); filled in.
+        cache: results of earlier calls with the same profile to reuse (:func:`optimize_cached`); filled in. A
+            ``None`` it holds leaves that entry out (:class:`EntryCache`'s budget).
+        model: the denoiser a ``gits`` base is computed from (its teacher paths); required for one.
+        peer_cache: peer results to reuse (GITS once per model weights; :func:`vrg_lightning.peers.peer_base`).
+        peer_refresh: ``False`` reuses the model's last GITS matrix even when its weights changed since.
+
+    Raises:
+        ValueError: ``grid`` is not a TrajectoryGrid, or it has base ``gits`` and no ``model`` is given.
     """
     if not isinstance(grid, TrajectoryGrid):
         raise ValueError(f"grid must be a TrajectoryGrid; got {type(grid).__name__}.")
+    from ..peers import PEER_BASES, base_trajectory
+
+    if "gits" in grid.bases and grid.steps and model is None:
+        raise ValueError("grid base 'gits' needs the model (GITS picks its steps from the model's own teacher "
+                         "paths): pass model= (vrg profile: --ckpt, --model or --diffusers-dir; the VRGProfiler "
+                         "callback: the module's vrg_denoiser()), or use base 'dmn', which needs only the schedule.")
     mse_fn = profile.mse_function(grid.mse_mode)
     cache = {} if cache is None else cache
-    bases: dict[tuple[int, str], Tensor] = {}
+    bases: dict[tuple, tuple[Tensor, dict[str, Any]]] = {}
     entries = []
     for solver, n, base, objective, lp in grid.combinations():
-        if (n, base) not in bases:
-            bases[(n, base)] = make_trajectory(schedule, base, int(n))
+        key = (solver, n, base) if base in PEER_BASES else (n, base)  # a peer's steps depend on the solver
+        if key not in bases:
+            bases[key] = base_trajectory(schedule, base, solver, int(n), model=model, cache=peer_cache,
+                                         refresh=peer_refresh)
         st = grid_settings(grid, schedule, solver, lp, objective)
-        r = optimize_cached(bases[(n, base)], mse_fn, st, cache)
-        entries.append(make_entry(solver, n, base, settings_fields(st), result_fields(r),
+        r = optimize_cached(bases[key][0], mse_fn, st, cache)
+        if r is None:  # not optimised yet: EntryCache's budget left it for a later save
+            continue
+        entries.append(make_entry(solver, n, base, settings_fields(st), result_fields(r), bases[key][1],
                                   profile_source=profile.source))
     return entries
 
@@ -148,13 +168,84 @@ def profile_key(profile: Any) -> tuple:
     return profile.source, int(profile.moments), h.hexdigest()
 
 
+PRIOR_SECONDS_PER_STEP = {False: 2e-3, True: 4e-2}  # one optimisation's time per step before any was timed
+# (paper, solver-aware objective), a first guess for the budget of the first save; measured times replace it
+
+
+class _Slice(dict):
+    """What :func:`optimize_cached` sees in one pass of :meth:`EntryCache.entries` over the grid: a result of the
+    current profile as it is; a stale or missing one, at a visit from ``start`` on, optimised now while its predicted
+    time (:meth:`EntryCache.predict`) fits in ``allowance`` seconds (``None``: no limit). At the first that does not
+    fit the pass stops optimising (``stop``: the visit the next save continues from, round-robin) and serves the rest
+    as they are: the result of an earlier profile, or ``None`` (the entry left out) where there is none."""
+
+    def __init__(self, cache: EntryCache, start: int, allowance: float | None, step: int | None) -> None:
+        import time
+
+        super().__init__()
+        self.cache, self.start, self.allowance, self.step = cache, start, allowance, step
+        self.visit, self.stop, self.optimised, self.stale, self.t0 = -1, None, 0, 0, time.perf_counter()
+        self.steps: list[int | None] = []  # the profile step of each served result, in entry order
+        self._held: tuple | None = None
+
+    def __contains__(self, key: object) -> bool:
+        self.visit += 1
+        c, held = self.cache, self.cache.results.get(key)
+        self._held = held
+        if held is not None and held[1] == c.key:
+            return True
+        if self.stop is None and self.visit >= self.start:
+            limit = self.allowance if self.allowance is None or c.optimised else max(self.allowance, c.reserve)
+            if limit is None or self.spent() + c.predict(key) <= limit:  # (the first of a save may use the reserve)
+                return False  # optimise it now: optimize_cached stores the result (__setitem__)
+            self.stop = self.visit
+        self.stale += 1
+        return True
+
+    def spent(self) -> float:
+        """Wall seconds since the pass began (optimisations and the building of entries)."""
+        import time
+
+        return time.perf_counter() - self.t0
+
+    def __setitem__(self, key: Any, result: OptimizeResult) -> None:
+        self.optimised += 1
+        self.cache.optimised = True
+        self.cache.timed(key, result.seconds)
+        self._held = self.cache.results[key] = (result, self.cache.key, self.step)
+
+    def __getitem__(self, key: Any) -> OptimizeResult | None:
+        if self._held is None:
+            return None
+        self.steps.append(self._held[2])
+        return self._held[0]
+
+
 class EntryCache:
     """The entries of a grid for the current profile, optimised again only when the profile changed
     (:func:`profile_key`; the results of one profile are shared between grid points, :func:`optimize_cached`).
 
+    With a ``budget`` (a share of the wall time), a save optimises at most what fits in ``budget`` times the wall
+    time since the last save (for the first, since :attr:`last_end`, the start of training as the callback sets it),
+    predicted per optimisation from the ones timed so far (:meth:`predict`; before any, from
+    :data:`PRIOR_SECONDS_PER_STEP`). An overspend carries to the next save, time left over does not; only a save's
+    first optimisation may use the share since the last save that optimised (one no single share holds runs when
+    enough time has passed).
+    Stale results are refreshed round-robin over the grid; the others are kept, so an entry may come from an earlier
+    profile: its ``profile_step`` key says from which training step (``None`` outside training); :attr:`step` is the
+    oldest of them. A grid point never optimised yet is left out until it is. ``force`` (the fit end) or
+    ``budget=None`` optimises every stale point.
+
     Under DDP (``trainer.world_size > 1``) global rank 0 optimises and ``trainer.strategy.broadcast`` gives every
-    rank the same entries: a collective when the profile changed (the profile is the all-rank sum, so every rank
-    takes the same branch). ``seconds`` is the optimisation time of the last computation (0 when reused).
+    rank the same entries: a collective unless every entry is already of this profile (the profile is the all-rank
+    sum and that state is broadcast, so every rank takes the same branch). ``seconds`` is the optimisation time of
+    the last call (0 when reused).
+
+    A ``gits`` base needs the model: :attr:`model_fn` (set by the callback to the module's ``vrg_denoiser``) gives
+    it, called only when the grid has ``gits``. Its GITS cost matrix is kept in :attr:`peers`
+    (:func:`vrg_lightning.peers.peer_base`): a budgeted save reuses the last one (computed at the first save that
+    needed it; ``weights_sha256`` in the entries' ``base_provenance`` names those weights), an unbudgeted one
+    (``force``, the fit end, or ``budget=None``) recomputes it when the weights changed. DMN results are kept.
 
     Example:
         >>> from vrg_lightning.profile import ErrorProfile
@@ -169,50 +260,103 @@ class EntryCache:
     """
 
     def __init__(self, budget: float | None = None) -> None:
+        import time
+
         if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget <= 1):
             raise ValueError(f"budget must be a share of the wall time in (0, 1] or None; got {budget!r}.")
         self.key: tuple | None = None
-        self.results: dict = {}
+        self.results: dict = {}  # cache_key -> (result, profile key, training step), the latest of every point
         self.list: list[dict[str, Any]] = []
         self.grid: TrajectoryGrid | None = None
         self.seconds = 0.0
-        self.budget, self.last_seconds, self.done_at, self.step = budget, 0.0, None, None
+        self.budget, self.step, self.complete = budget, None, False
+        self.last_end = time.perf_counter()  # end of the last save that optimised (the callback: start of training)
+        self.carry, self.cursor, self.optimised, self.reserve = 0.0, 0, False, 0.0
+        self.last_call = -math.inf  # the last call (a save that optimised nothing leaves its share unused)
+        self.times: dict[tuple, list[float]] = {}  # (solver-aware, solver, steps) -> [seconds summed, count]
+        self.model_fn: Any = None  # () -> the denoiser, for a gits base
+        self.peers: dict = {}  # peer results (GITS per model weights), across profiles
 
-    def _over_budget(self, trainer: Any) -> bool:
-        """Whether optimising now would take more than ``budget`` of the wall time since the last optimisation
-        (judged from the last optimisation's time; decided on rank 0 and broadcast, so every rank agrees)."""
-        import time
+    @staticmethod
+    def _kind(key: tuple) -> tuple[bool, str | None, int]:
+        settings = dict(key[2])
+        aware = settings.get("objective") == "solver"
+        return aware, settings.get("solver") if aware else None, len(key[1])
 
-        if self.budget is None or self.done_at is None:
-            return False
-        late = self.last_seconds > self.budget * (time.perf_counter() - self.done_at)
-        if int(getattr(trainer, "world_size", 1) or 1) > 1:
-            late = bool(trainer.strategy.broadcast(late, src=0))
-        return late
+    def timed(self, key: tuple, seconds: float) -> None:
+        """Record the time one optimisation took (:meth:`predict` uses the mean per objective kind and steps)."""
+        t = self.times.setdefault(self._kind(key), [0.0, 0])
+        t[0], t[1] = t[0] + seconds, t[1] + 1
+
+    def predict(self, key: tuple) -> float:
+        """Predicted seconds of the optimisation ``key``: the mean time of its kind (the paper objective, or the
+        solver-aware one of its solver, else of any solver) at the nearest timed step count, scaled by steps; a kind
+        not timed yet from the other (x 20 for solver-aware) or, before any, :data:`PRIOR_SECONDS_PER_STEP`."""
+        aware, solver, n = self._kind(key)
+        known = [(m, t / c) for (a, v, m), (t, c) in self.times.items() if a == aware and v == solver]
+        if not known:
+            known = [(m, t / c) for (a, v, m), (t, c) in self.times.items() if a == aware]
+        if not known:
+            known = [(m, t / c * (20.0 if aware else 0.05)) for (a, v, m), (t, c) in self.times.items()]
+        if not known:
+            return PRIOR_SECONDS_PER_STEP[aware] * n
+        m, t = min(known, key=lambda mt: abs(mt[0] - n))
+        return t * n / m
+
+    def _pass(self, profile: Any, schedule: Any, grid: TrajectoryGrid, start: int, allowance: float | None,
+              step: int | None) -> tuple[list[dict[str, Any]], _Slice]:
+        sl = _Slice(self, start, allowance, step)
+        model = self.model_fn() if self.model_fn is not None and "gits" in grid.bases and grid.steps else None
+        out = compute_entries(profile, schedule, grid, sl, model=model, peer_cache=self.peers,
+                              peer_refresh=allowance is None) if grid.steps else []  # budgeted: no teacher pass
+        for entry, st in zip(out, sl.steps, strict=True):
+            entry["profile_step"] = st
+        return out, sl
+
+    def _compute(self, profile: Any, schedule: Any, grid: TrajectoryGrid, allowance: float | None,
+                 step: int | None) -> tuple[list[dict[str, Any]], bool, bool]:
+        """``(entries, optimised any, every entry of this profile)``: one pass from the cursor and, when it got to
+        the end of the grid with time left, a second from the start (round-robin)."""
+        out, sl = self._pass(profile, schedule, grid, self.cursor, allowance, step)
+        optimised = sl.optimised
+        if sl.stop is None and self.cursor > 0:
+            out, sl = self._pass(profile, schedule, grid, 0, None if allowance is None else allowance - sl.spent(),
+                                 step)
+            optimised += sl.optimised
+        self.cursor = sl.stop or 0
+        return out, optimised > 0, sl.stale == 0
 
     def entries(self, profile: Any, schedule: Any, grid: TrajectoryGrid, trainer: Any = None,
                 force: bool = False) -> tuple[list[dict[str, Any]], bool]:
-        """``(entries, fresh)``: the grid's entries for ``profile`` and whether they were optimised now.
-
-        With a ``budget``, a changed profile is optimised only when the time since the last optimisation is at least
-        ``last optimisation time / budget``; until then the last entries (of an earlier profile, from training step
-        :attr:`step`) are returned, unless ``force`` (the fit end)."""
+        """``(entries, fresh)``: the grid's entries for ``profile`` and whether any was optimised now (class
+        docstring: the ``budget``, round-robin refresh, ``force``)."""
         import time
 
         key = (profile_key(profile), schedule.to_dict() if hasattr(schedule, "to_dict") else schedule)
-        if key == self.key and grid == self.grid or (grid == self.grid and not force and self._over_budget(trainer)):
+        start = time.perf_counter()
+        since, self.last_call = max(self.last_end, self.last_call), start
+        if key == self.key and grid == self.grid and self.complete:
             self.seconds = 0.0
             return self.list, False
-        if key != self.key:
-            self.results = {}
-        start = time.perf_counter()
+        if grid != self.grid:
+            self.cursor = 0
+        allowance = None if force or self.budget is None else self.carry + self.budget * (start - since)
+        self.reserve = None if allowance is None else self.carry + self.budget * (start - self.last_end)
+        self.optimised = False
         world = int(getattr(trainer, "world_size", 1) or 1)
-        out = None
+        state = None
+        self.key = key
         if world == 1 or trainer.global_rank == 0:
-            out = compute_entries(profile, schedule, grid, self.results) if grid.steps else []
+            out, fresh, complete = self._compute(profile, schedule, grid, allowance, getattr(trainer, "global_step",
+                                                                                             None))
+            steps = [e["profile_step"] for e in out if e.get("profile_step") is not None]
+            state = (out, fresh, complete, min(steps) if steps else None)
         if world > 1:
-            out = trainer.strategy.broadcast(out, src=0)
-        self.key, self.grid, self.list, self.seconds = key, grid, out, time.perf_counter() - start
-        self.last_seconds, self.done_at = self.seconds, time.perf_counter()
-        self.step = getattr(trainer, "global_step", None)
-        return out, True
+            state = trainer.strategy.broadcast(state, src=0)
+        self.list, fresh, self.complete, self.step = state
+        self.grid, self.seconds = grid, time.perf_counter() - start
+        self.last_call = time.perf_counter()
+        if fresh:  # an overspend carries to the next save; time left over does not (each save keeps to its share)
+            self.last_end = self.last_call
+            self.carry = 0.0 if allowance is None else min(allowance - self.seconds, 0.0)
+        return self.list, fresh

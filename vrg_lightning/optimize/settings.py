@@ -21,16 +21,18 @@ from typing import Any
 from torch import Tensor
 
 from ..io import from_plain_dict
+from ..peers.bases import PEER_BASES, check_peer_grid
 from ..solvers import SOLVERS
 from ..trajectories import BASES
 from ..variance import OBJECTIVES
 
-__all__ = ["TRUSTS", "MSE_MODES", "GRID_BASES", "OptimizeSettings", "OptimizeResult", "TrajectoryGrid", "grid_fields",
-           "schedule_range"]
+__all__ = ["TRUSTS", "MSE_MODES", "GRID_BASES", "PEER_BASES", "STORED_BASES", "OptimizeSettings", "OptimizeResult",
+           "TrajectoryGrid", "grid_fields", "schedule_range"]
 
 TRUSTS = ("alpha", "logsnr")
 MSE_MODES = ("paper", "fit")
 GRID_BASES = tuple(b for b in BASES if b != "list")  # bases a grid can generate (``list`` needs values)
+STORED_BASES = (*GRID_BASES, *PEER_BASES)  # and the peer bases (``gits`` needs the model, ``dmn`` the schedule)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,9 @@ class TrajectoryGrid:
     Args:
         solvers: solvers the trajectories are for (:data:`~vrg_lightning.solvers.SOLVERS`).
         steps: step counts (an empty tuple stores the profile only).
-        bases: base trajectories (:data:`GRID_BASES`).
+        bases: base trajectories (:data:`STORED_BASES`: the classic :data:`GRID_BASES` and the peer bases ``gits``,
+            from the model's teacher paths, and ``dmn``, from the schedule; :mod:`vrg_lightning.peers`). A grid
+            with ``dmn`` needs solvers its bound covers, one with ``gits`` steps <= its grid (61 values).
         lps: learning portions (trust-region sizes) in (0, 1).
         objectives: ``paper`` (the published DDIM cpe) and/or ``solver`` (solver-aware propagation).
         reg_lambda: weight of the penalty that holds the noisiest ᾱ near its base value.
@@ -193,7 +197,7 @@ class TrajectoryGrid:
     solvers: tuple[str, ...] = field(default=("ddim",), metadata={"help": "solvers", "choices": SOLVERS})
     steps: tuple[int, ...] = field(default=(10, 20), metadata={"help": "step counts"})
     bases: tuple[str, ...] = field(default=("time_uniform", "time_quadratic", "logSNR"),
-                                   metadata={"help": "base trajectories", "choices": GRID_BASES})
+                                   metadata={"help": "base trajectories", "choices": STORED_BASES})
     lps: tuple[float, ...] = field(default=(0.01,), metadata={"help": "learning portions (trust-region sizes)"})
     objectives: tuple[str, ...] = field(default=("paper",), metadata={"help": "objectives", "choices": OBJECTIVES})
     reg_lambda: float = field(default=100.0, metadata={"help": "penalty weight holding the noisiest alpha_bar"})
@@ -203,12 +207,13 @@ class TrajectoryGrid:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solvers", _names("solvers", self.solvers, SOLVERS))
-        object.__setattr__(self, "bases", _names("bases", self.bases, GRID_BASES))
+        object.__setattr__(self, "bases", _names("bases", self.bases, STORED_BASES))
         object.__setattr__(self, "objectives", _names("objectives", self.objectives, OBJECTIVES))
         steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in steps):
             raise ValueError(f"steps must be a list of positive integers; got {list(steps)!r}.")
         object.__setattr__(self, "steps", steps)
+        check_peer_grid(self.bases, self.solvers, self.steps)
         lps = (self.lps,) if isinstance(self.lps, (int, float)) else tuple(self.lps)
         if not lps:
             raise ValueError("lps must be a non-empty list of numbers in (0, 1); got [].")

@@ -5,11 +5,20 @@
   one-step jumps between grid points, a dynamic programme over them.
 - :mod:`.dmn`: DMN (Xue et al., CVPR 2024), from the schedule and solver alone: the authors' analytic bound on the
   discretisation error, minimised with ``trust-constr``.
-- :mod:`.bases`: :func:`peer_base`, a peer base by name (with a cache), the integration's entry point.
+- :mod:`.bases`: :func:`peer_base`, a peer base by name (with a cache keyed by the model's weights), the
+  integration's entry point; :func:`stored_peer_base` reads one back from a checkpoint's entries.
 - :mod:`.common`: :class:`PeerResult`, the result both return.
 """
 
-from .bases import PEER_BASES, entry_fields, peer_base
+from .bases import (
+    PEER_BASES,
+    base_trajectory,
+    check_peer_grid,
+    entry_fields,
+    peer_base,
+    stored_peer_base,
+    weights_digest,
+)
 from .common import PEERS, PeerResult
 from .dmn import DMN_INITS, DMN_SOLVERS, DMNSettings, check_dmn_solver, dmn, dmn_bound, step_weights
 from .gits import (
@@ -25,7 +34,8 @@ from .gits import (
 )
 
 __all__ = [
-    "PEER_BASES", "entry_fields", "peer_base", "PEERS", "PeerResult",
+    "PEER_BASES", "base_trajectory", "check_peer_grid", "entry_fields", "peer_base", "stored_peer_base",
+    "weights_digest", "PEERS", "PeerResult",
     "DMN_INITS", "DMN_SOLVERS", "DMNSettings", "check_dmn_solver", "dmn", "dmn_bound", "step_weights",
     "METRICS", "GITSCosts", "GITSSettings", "gits", "gits_costs", "gits_from_costs", "jump_costs", "select_steps",
     "teacher_paths",

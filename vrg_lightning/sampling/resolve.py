@@ -1,4 +1,5 @@
-"""Which trajectory to sample: a base name, the checkpoint's stored VRG entry (``checkpoint.select_entry``, the one
+"""Which trajectory to sample: a base name (a peer base ``gits``/``dmn`` from the checkpoint's stored values, else
+computed), the checkpoint's stored VRG entry (``checkpoint.select_entry``, the one
 lookup rule) or a trajectory file, resolved to ᾱ values; and the cpe of a trajectory under the checkpoint's profile.
 
 Errors are Python errors naming the argument (``trajectory``, ``steps``); ``vrg sample``/``vrg export`` add the flag
@@ -17,12 +18,14 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import check_same_schedule, select_entry
+from ..peers import PEER_BASES, peer_base, stored_peer_base
 from ..trajectories import BASES, load_trajectory, make_trajectory, validate_trajectory
 
 __all__ = ["Trajectory", "TRAJECTORY_NAMES", "resolve_trajectory", "trajectory_cpe"]
 
-TRAJECTORY_NAMES = (*(b for b in BASES if b != "list"), "vrg")
-"""Names ``resolve_trajectory`` takes besides a file: the bases that need only a step count, and ``vrg``."""
+TRAJECTORY_NAMES = (*(b for b in BASES if b != "list"), *PEER_BASES, "vrg")
+"""Names ``resolve_trajectory`` takes besides a file: the bases that need only a step count, the peer bases, and
+``vrg``."""
 
 _SUMMARY = ("solver", "steps", "base", "objective", "lp", "reg_lambda", "trust", "cpe_before", "cpe_after",
             "validated")
@@ -33,7 +36,8 @@ class Trajectory:
     """A resolved sampling trajectory and where it came from (``base:NAME``, ``vrg`` or ``file:PATH``).
 
     ``entry`` summarises the stored entry of a ``vrg`` trajectory; ``note`` is set when that entry's trajectory is
-    its base (validated tuning kept the base).
+    its base (validated tuning kept the base); ``provenance`` is a peer base's (settings, seconds, model
+    evaluations, and ``stored``: read from the checkpoint or computed now).
     """
 
     alpha_bar: tuple[float, ...]
@@ -41,14 +45,32 @@ class Trajectory:
     base: str | None = None
     entry: dict[str, Any] | None = None
     note: str | None = None
+    provenance: dict[str, Any] | None = None
 
     @property
     def tensor(self) -> Tensor:
         return torch.tensor(self.alpha_bar, dtype=torch.float64)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "base": self.base, "steps": len(self.alpha_bar),
-                "alpha_bar": list(self.alpha_bar), "entry": self.entry}
+        out = {"source": self.source, "base": self.base, "steps": len(self.alpha_bar),
+               "alpha_bar": list(self.alpha_bar), "entry": self.entry}
+        return out if self.provenance is None else {**out, "provenance": self.provenance}
+
+
+def _peer(schedule: Any, vrg: Mapping[str, Any] | None, solver: str, steps: int, name: str, model: Any) -> Trajectory:
+    """The peer base ``name``: the values stored in the checkpoint's entries when present (what its VRG entries
+    were optimised from), else computed (``dmn`` from the schedule, ``gits`` from ``model``)."""
+    r = stored_peer_base(vrg, name, solver, steps)
+    stored = r is not None
+    if r is not None and vrg is not None and "schedule" in vrg:
+        check_same_schedule(vrg["schedule"], schedule, "checkpoint's vrg section")
+    if r is None and name == "gits" and model is None:
+        raise ValueError(f"trajectory 'gits' for {solver}/{steps} needs the model or GITS values stored in the "
+                         "checkpoint; none are stored (store them with `vrg profile --ckpt CKPT --bases gits` or the "
+                         "callback's bases), or use 'dmn', computed from the schedule alone.")
+    r = r or peer_base(name, schedule, solver, int(steps), model=model)
+    return Trajectory(tuple(r.alpha_bar.tolist()), f"base:{name}", name,
+                      provenance={"method": name, "stored": stored, **r.provenance})
 
 
 def _stored(schedule: Any, vrg: Mapping[str, Any] | None, solver: str, steps: int, base: str | None,
@@ -74,6 +96,7 @@ def resolve_trajectory(
     base: str | None = None,
     objective: str | None = None,
     lp: float | None = None,
+    model: Any = None,
 ) -> Trajectory:
     """Turn ``trajectory`` (a base name, ``"vrg"`` or a trajectory file) into ᾱ values.
 
@@ -83,10 +106,12 @@ def resolve_trajectory(
         solver, steps: the stored entry's solver and step count; ``steps`` also checks a file's length.
         trajectory: one of :data:`TRAJECTORY_NAMES` or a file (:func:`~vrg_lightning.trajectories.load_trajectory`).
         base, objective, lp: narrow the stored entry (``None`` = any).
+        model: the denoiser a ``gits`` trajectory is computed from when the checkpoint stores none.
 
     Raises:
         ValueError: unknown name and no such file, no ``steps`` for a name, a file whose length differs from
-            ``steps``, or no (or no unique) stored entry.
+            ``steps``, no (or no unique) stored entry, ``gits`` with neither stored values nor a model, or a peer
+            base that cannot serve the solver or steps (:mod:`vrg_lightning.peers`).
 
     Example:
         >>> from vrg_lightning.schedule import NoiseSchedule
@@ -98,6 +123,8 @@ def resolve_trajectory(
             raise ValueError(f"trajectory {trajectory!r} needs steps (the number of steps); got steps=None.")
         if trajectory == "vrg":
             return _stored(schedule, vrg, solver, int(steps), base, objective, lp)
+        if trajectory in PEER_BASES:
+            return _peer(schedule, vrg, solver, int(steps), trajectory, model)
         ab = make_trajectory(schedule, trajectory, int(steps))
         return Trajectory(tuple(ab.tolist()), f"base:{trajectory}", trajectory)
     p = Path(trajectory)
