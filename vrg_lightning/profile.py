@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .interpolants import PchipLogMSE, PiecewiseLinearMSE
 from .io import FORMAT_VERSIONS, atomic_torch_save, atomic_write_text, check_format, load_torch_file, read_text_file
-from .schedule import NoisePath, NoiseSchedule, alpha_bar_to_lambda
+from .schedule import NoisePath, alpha_bar_to_lambda
 
 __all__ = [
     "ErrorProfile",
@@ -65,6 +65,7 @@ class ErrorProfile:
         meta: plain settings recorded with the profile.
 
     Example:
+        >>> from vrg_lightning.schedule import NoiseSchedule
         >>> p = ErrorProfile.for_schedule(NoiseSchedule(), num_bins=10)
         >>> g = torch.Generator().manual_seed(0)
         >>> int(p.update(torch.full((4,), 0.0), 0.5 * torch.randn(4, 3, 8, 8, generator=g)))
