@@ -156,15 +156,18 @@ def test_entry_cache_reuses_an_unchanged_profile_and_rank_zero_optimises(profile
 
     def broadcast(obj, src=0):
         sent.append(obj)
-        return first
+        return (first, True, True, 5)  # rank 0's (entries, fresh, complete, oldest step)
 
     strategy = SimpleNamespace(broadcast=broadcast)
     other = EntryCache()
-    got, _ = other.entries(changed, SCHED, grid, SimpleNamespace(world_size=2, global_rank=1, strategy=strategy))
-    assert got is first and sent == [None] and len(calls) == 2 * n  # rank 1 waits for rank 0's entries
+    got, fresh = other.entries(changed, SCHED, grid, SimpleNamespace(world_size=2, global_rank=1, strategy=strategy))
+    assert got is first and fresh and other.step == 5 and sent == [None] and len(calls) == 2 * n  # rank 1 waits
+    assert other.entries(changed, SCHED, grid, SimpleNamespace(world_size=2, global_rank=1, strategy=strategy)) == (
+        first, False) and len(sent) == 1  # complete and unchanged: no collective on any rank
     zero = EntryCache()
-    zero.entries(changed, SCHED, grid, SimpleNamespace(world_size=2, global_rank=0, strategy=strategy))
-    assert len(calls) == 3 * n and sent[-1] is not None and len(sent[-1]) == len(first)
+    zero.entries(changed, SCHED, grid, SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, global_step=5))
+    assert len(calls) == 3 * n and sent[-1] is not None and len(sent[-1][0]) == len(first)
+    assert sent[-1][1:] == (True, True, 5) and all(e["profile_step"] == 5 for e in sent[-1][0])
 
 
 def test_tuning_candidates_keep_the_trained_range() -> None:
@@ -186,27 +189,61 @@ def test_tuning_candidates_keep_the_trained_range() -> None:
     assert float(free.alpha_bar[0]) > SCHED.alpha_bar_max  # what the range prevents
 
 
-def test_entry_cache_budget_keeps_the_last_entries_until_enough_time_has_passed() -> None:
+def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a budget, a save optimises only what its predicted time lets fit in budget x the time since the last
+    optimising save (nothing at a save right after the start: the first save never blows the budget); the stale
+    entries are refreshed round-robin (wrapping around the grid), the others kept with the training step of their
+    profile (``profile_step``; ``step`` the oldest); the fit end (``force``) optimises every stale point."""
+    import dataclasses
     import time
+    from types import SimpleNamespace
 
-    from vrg_lightning.optimize.entries import EntryCache
-    from vrg_lightning.profile import ErrorProfile
-    from vrg_lightning.schedule import NoiseSchedule
+    real = entries_module.optimize_trajectory
 
-    sched, grid = NoiseSchedule(), TrajectoryGrid(steps=(4,), bases=("logSNR",))
+    def slow(ab, mse, s):  # every optimisation takes 50 ms
+        t = time.perf_counter()
+        r = real(ab, mse, s)
+        time.sleep(max(0.0, 0.05 - (time.perf_counter() - t)))
+        return dataclasses.replace(r, seconds=time.perf_counter() - t)
+
+    monkeypatch.setattr(entries_module, "optimize_trajectory", slow)
+    grid = TrajectoryGrid(solvers=("ddim",), steps=(4,), bases=("time_uniform", "time_quadratic", "logSNR"),
+                          lps=(0.01, 0.1), objectives=("paper",), mse_mode="paper")  # 6 optimisations
     ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
-    one, two = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01])), ErrorProfile.from_table(
-        ab, torch.tensor([0.2, 0.2, 0.02]))
+    profiles = [ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]) * (1 + k)) for k in range(4)]
     cache = EntryCache(budget=0.02)
-    first, fresh = cache.entries(one, sched, grid)
-    assert fresh and cache.step is None
-    cache.last_seconds, cache.done_at = 1.0, time.perf_counter()  # an optimisation of 1 s that just ended
-    stale, fresh = cache.entries(two, sched, grid)  # would need 50 s of training first
-    assert not fresh and stale is first
-    forced, fresh = cache.entries(two, sched, grid, force=True)  # the fit end always optimises
-    assert fresh and forced is not first and cache.entries(two, sched, grid) == (forced, False)
-    cache.last_seconds, cache.done_at = 1.0, time.perf_counter() - 60.0  # 60 s later: within the budget
-    assert cache.entries(one, sched, grid)[1]
-    assert EntryCache().entries(two, sched, grid)[1] and EntryCache(None).budget is None
+
+    def save(k: int, step: int, seconds_since: float, force: bool = False):
+        cache.last_end = cache.last_call = time.perf_counter() - seconds_since  # training since the last save
+        cache.carry = 0.0  # (what carries from one save to the next is checked at the end)
+        return cache.entries(profiles[k], SCHED, grid, SimpleNamespace(global_step=step, world_size=1), force)
+
+    assert save(0, 1, 0.0) == ([], False) and not cache.complete  # nothing fits yet: no entry, nothing spent
+    first, fresh = save(0, 2, 6.5)  # 0.13 s: two optimisations of 50 ms
+    assert fresh and len(first) == 2 and [e["profile_step"] for e in first] == [2, 2] and cache.cursor == 2
+    full, fresh = save(0, 3, 0.0, force=True)  # the fit end: everything, whatever the budget
+    assert fresh and cache.complete and len(full) == 6 and full[:2] == first and cache.step == 2
+    assert [e["profile_step"] for e in full] == [2, 2, 3, 3, 3, 3] and save(0, 3, 0.0) == (full, False)
+    steps = [e["profile_step"] for e in save(1, 10, 6.5)[0]]  # a new profile: the first two points refreshed
+    assert steps == [10, 10, 3, 3, 3, 3] and cache.step == 3 and not cache.complete
+    new, _ = save(2, 20, 6.5)
+    assert [e["profile_step"] for e in new] == [10, 10, 20, 20, 3, 3] and new[4] == full[4]  # round-robin, kept
+    assert [e["profile_step"] for e in save(3, 30, 12.0)[0]] == [30, 30, 20, 20, 30, 30]  # wraps around the grid
+    assert cache.carry == 0.0  # time left over does not carry: each save keeps to its share
+    assert cache.predict(next(iter(cache.results))) == pytest.approx(0.05, rel=0.2)  # the measured time
+    cache.times = {kind: 0.0 for kind in cache.times}  # a prediction far too low: the save overspends
+    cache.timed = lambda key, seconds: None  # (and stays so)
+    assert len(save(1, 40, 1.0)[0]) == 6 and cache.seconds > 0.05 > 0.02 and cache.carry < 0  # (by one at most)
+    assert cache.carry == pytest.approx(0.02 - cache.seconds, abs=1e-3)
+    cache.last_end = cache.last_call = time.perf_counter() - 1.0  # the overspend is paid back from the next share
+    assert cache.entries(profiles[2], SCHED, grid, SimpleNamespace(global_step=41, world_size=1))[1] is False
+    big = EntryCache(budget=0.02)
+    big.times = {(False, None, 4): 0.3}  # an optimisation predicted at 0.3 s: more than one save's share
+    big.last_end = big.last_call = time.perf_counter() - 10.0
+    assert big.entries(profiles[0], SCHED, grid) == ([], False)  # 0.2 s: nothing fits
+    big.last_end, big.last_call = time.perf_counter() - 20.0, time.perf_counter() - 10.0  # the next save, 10 s on:
+    assert len(big.entries(profiles[0], SCHED, grid)[0]) == 1  # its share is 0.2 s, the first may use 0.4 s
+    assert EntryCache().entries(profiles[0], SCHED, grid)[1] and EntryCache(None).budget is None
     with pytest.raises(ValueError, match="budget"):
         EntryCache(budget=2.0)

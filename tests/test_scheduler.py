@@ -326,7 +326,8 @@ def test_misuse_is_a_clear_error() -> None:
         ({"alpha_bar": AB, "prediction_type": "velocity"}, "prediction_type must be one of epsilon, v_prediction"),
         ({"alpha_bar": AB, "prediction_type": "flow"}, "'flow' is not defined on the vp_discrete noise path"),
         ({"alpha_bar": AB, "shift": 0.0}, "shift must be a positive number"),
-        ({"alpha_bar": [0.99, 0.5, 1e-5], "noise_path": {"path": "ve", "sigma_max": 80.0}}, "outside the model's noise"),
+        ({"alpha_bar": [0.99, 0.5, 1e-5], "noise_path": {"path": "ve", "sigma_max": 80.0}},
+         "outside the model's noise"),
         ({"alpha_bar": AB, "trained_betas": [0.1] * 1000}, "trained_betas are not supported"),
     ]:
         with pytest.raises(ValueError, match=match):
