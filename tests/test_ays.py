@@ -91,3 +91,21 @@ def test_bad_input_is_named() -> None:
     for steps in (0, 1001, 2.5, True):
         with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 1000\]"):
             ays_trajectory(AYS_SCHEDULE, "sd15", steps)
+
+
+def test_ays_is_a_peer_base_for_a_model_that_names_its_family() -> None:
+    from vrg_lightning.optimize import STORED_BASES
+    from vrg_lightning.peers import base_trajectory
+
+    class SD15:  # what models.latent.LatentDenoiser exposes
+        family = "sd15"
+        schedule = AYS_SCHEDULE
+
+    assert "ays" in STORED_BASES
+    ab, extra = base_trajectory(AYS_SCHEDULE, "ays", "dpmpp_2m", 10, model=SD15())
+    assert torch.equal(ab, ays_trajectory(AYS_SCHEDULE, "sd15", 10))
+    assert extra["base_provenance"]["method"] == "ays" and extra["base_provenance"]["settings"]["family"] == "sd15"
+    with pytest.raises(ValueError, match="base 'ays' needs a model of the Stable Diffusion family"):
+        base_trajectory(AYS_SCHEDULE, "ays", "ddim", 10)
+    with pytest.raises(ValueError, match="the ays base is for the Stable Diffusion schedule"):
+        base_trajectory(NoiseSchedule(), "ays", "ddim", 10, model=SD15())

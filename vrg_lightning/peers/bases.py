@@ -1,5 +1,7 @@
 """Peer bases by name: the one entry point the integration (grid entries, tuning, the callback, the commands) calls
-to turn ``"gits"`` or ``"dmn"`` into a base trajectory, with a cache so one GITS teacher pass serves every cell.
+to turn ``"gits"``, ``"dmn"`` or ``"ays"`` into a base trajectory, with a cache so one GITS teacher pass serves every
+cell. ``ays`` (Align Your Steps, :mod:`vrg_lightning.ays`) is the published constants of the model's family: the model
+must say its family (``model.family``: ``sd15`` or ``sdxl``, as ``models.latent.LatentDenoiser`` does).
 
 When GITS is computed again: its cost matrix is cached under the model object, a digest of the model's weights
 (:func:`weights_digest`: parameters and buffers; recorded as ``weights_sha256`` in the provenance) and the settings,
@@ -116,6 +118,8 @@ def peer_base(
     if base not in PEER_BASES:
         raise ValueError(f"Unknown peer base {base!r}; allowed: {', '.join(PEER_BASES)}.")
     cache = {} if cache is None else cache
+    if base == "ays":
+        return _ays(schedule, solver, int(steps), model)
     if base == "dmn":
         s = dmn_settings or DMNSettings()
         key = ("dmn", schedule, solver, int(steps), s)
@@ -144,6 +148,23 @@ def peer_base(
             if was:
                 model.train()
     return gits_from_costs(cache[key][1], solver, steps)
+
+
+def _ays(schedule: NoiseSchedule, solver: str, steps: int, model: Any) -> PeerResult:
+    import time
+
+    from ..ays import ays_trajectory
+
+    family = getattr(model, "family", None)
+    if family is None:
+        raise ValueError("base 'ays' needs a model of the Stable Diffusion family (sd15 or sdxl): its published "
+                         "constants are for those models; load the pipeline folder (models.latent sets the family) "
+                         "or use another base.")
+    t0 = time.perf_counter()
+    ab = ays_trajectory(schedule, family, steps)
+    return PeerResult("ays", solver, steps, ab, {"settings": {"family": family, "kind": "sigmas"},
+                                                 "seconds": time.perf_counter() - t0, "model_evaluations": 0,
+                                                 "source": "diffusers AysSchedules (Sabour et al. 2024)"})
 
 
 def base_trajectory(schedule: NoiseSchedule, base: str, solver: str, steps: int, *, model: Any = None,

@@ -15,7 +15,7 @@ from ..trajectories import validate_trajectory
 
 __all__ = ["PEERS", "PeerResult", "check_int", "check_number", "in_schedule_range"]
 
-PEERS: tuple[str, ...] = ("gits", "dmn")
+PEERS: tuple[str, ...] = ("gits", "dmn", "ays")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class PeerResult:
     """A trajectory made by a peer method, with how it was made.
 
     Attributes:
-        method: ``"gits"`` or ``"dmn"`` (:data:`PEERS`).
+        method: ``"gits"``, ``"dmn"`` or ``"ays"`` (:data:`PEERS`).
         solver: the solver the trajectory is for; ``steps``: its number of values (model evaluations).
         alpha_bar: the trajectory, float64, strictly decreasing (cleanest first), inside the schedule's trained range
             ``[ᾱ(t=T-1), ᾱ(t=0)]``.
