@@ -10,9 +10,11 @@ profile. Then times what ``VRGProfiler`` does at a save (``EntryCache.entries``,
 
 and reports each as a share of the training time between saves (``every_n_epochs`` x steps per epoch x seconds per
 step). With ``optimize_on_save=False`` a save costs nothing and the grid is optimised once at fit end: that cost is
-reported as a share of the whole training (``max_steps``).
+reported as a share of the whole training (``max_steps``). Last, the default ``save_budget`` over a simulated
+training (``budgeted_training``: every save of ``max_steps`` with a new profile, the training time between saves
+simulated, then the fit end): the share of each save, the entries the checkpoints hold and how stale.
 
-    python benchmarks/save_cost.py [--train-steps 40] [--repeats 3] [--skip-large]
+    python benchmarks/save_cost.py [--train-steps 40] [--repeats 3] [--skip-large] [--budget 0.02]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -94,17 +97,27 @@ def save_seconds(profile, schedule, grid, repeats: int, changed: bool) -> float:
     return statistics.median(out)
 
 
-def budget_schedule(cost: float, between: float, total: float, budget: float) -> tuple[int, int]:
-    """``(saves that optimise, saves)`` during ``total`` seconds of training with a save every ``between`` seconds,
-    when a save optimises only once ``cost / budget`` seconds passed since the last optimisation (the rule of
-    ``EntryCache(budget)``; the first save always optimises)."""
-    saves = int(total // between)
-    runs, last = 0, None
+def budgeted_training(profile, schedule, grid, between: float, saves: int, budget: float) -> dict:
+    """The saves of a training run as ``VRGProfiler`` makes them with ``save_budget=budget``: ``saves`` saves, each
+    with a new free-mode profile, ``between`` seconds of training apart (simulated: the cache's clocks ``last_end``
+    and ``last_call`` are moved back by that much before each save), then the fit end (``force``). Returns the
+    seconds of every save, the fit end's, the entries each save holds and how many saves old its oldest entry's
+    profile is."""
+    from vrg_lightning.optimize.entries import EntryCache
+    from vrg_lightning.profile import ErrorProfile
+
+    cache, seconds, held, lag = EntryCache(budget), [], [], []
     for k in range(1, saves + 1):
-        now = k * between
-        if last is None or cost <= budget * (now - last):
-            runs, last = runs + 1, now + cost
-    return runs, saves
+        prof = ErrorProfile.from_dict(profile.to_dict())
+        prof.sums = prof.sums * (1 + 1e-3 * k)  # free mode: the profile changes between saves
+        cache.last_end, cache.last_call = cache.last_end - between, cache.last_call - between
+        out, _ = cache.entries(prof, schedule, grid, SimpleNamespace(global_step=k, world_size=1))
+        seconds.append(cache.seconds)
+        held.append(len(out))
+        lag.append(k - min((e["profile_step"] for e in out), default=k))
+    cache.last_end, cache.last_call = cache.last_end - between, cache.last_call - between
+    cache.entries(profile, schedule, grid, SimpleNamespace(global_step=saves + 1, world_size=1), force=True)
+    return {"seconds": seconds, "fit_end": cache.seconds, "held": held, "lag": lag}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=40, help="training steps to time (after 5 of warm-up)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-large", action="store_true", help="time the digits grid only")
+    ap.add_argument("--budget", type=float, default=0.02, help="save_budget of the simulated training (default 0.02)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from vrg_lightning.optimize import TrajectoryGrid
@@ -127,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     large = digits.replace(**LARGE)
     print(f"training: {step_s * 1e3:.1f} ms/step (CPU, one thread), {per_epoch} steps/epoch, a save every {every} "
           f"epochs = {every * per_epoch} steps = {between:.1f} s; max_steps {max_steps} = {max_steps * step_s:.0f} s")
-    print("\n| grid | entries | optimisations | save, profile changed | share of training between saves | "
-          "save, profile unchanged | fit end only: share of the whole training | save_budget 0.02: saves that "
-          "optimise | save_budget 0.02: share of the whole training |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| grid | entries | optimisations | save, profile changed, no budget | share of training between saves | "
+          "save, profile unchanged | fit end only: share of the whole training |")
+    print("|---|---|---|---|---|---|---|")
     grids = [("digits default (configs/digits.yaml)", digits)] + ([] if args.skip_large else [("large", large)])
+    saves = max_steps // (every * per_epoch)
+    rows = []
     for name, grid in grids:
         from vrg_lightning.optimize.entries import cache_key, grid_settings
         from vrg_lightning.trajectories import make_trajectory
@@ -141,10 +156,20 @@ def main(argv: list[str] | None = None) -> int:
                 for s, n, b, o, lp in grid.combinations()}
         changed = save_seconds(profile, schedule, grid, args.repeats if grid is digits else 1, True)
         same = save_seconds(profile, schedule, grid, args.repeats, False)
-        runs, saves = budget_schedule(changed, between, max_steps * step_s, 0.02)
         print(f"| {name} | {entries} | {len(keys)} | {changed:.2f} s | {100 * changed / between:.2f}% | "
-              f"{1e3 * same:.2f} ms | {100 * changed / (max_steps * step_s):.2f}% | {runs} of {saves} (+ fit end) | "
-              f"{100 * (runs + 1) * changed / (max_steps * step_s + (runs + 1) * changed):.2f}% |", flush=True)
+              f"{1e3 * same:.2f} ms | {100 * changed / (max_steps * step_s):.2f}% |", flush=True)
+        rows.append((name, entries, budgeted_training(profile, schedule, grid, between, saves, args.budget)))
+    print(f"\nWith save_budget={args.budget} (the default): {saves} saves, a new profile at each (free mode), "
+          "then the fit end.\n")
+    print("| grid | share of training between saves: max, median | entries held at save 1, 2, last | oldest entry "
+          "(saves ago), max | fit end | share of the whole training, saves + fit end |")
+    print("|---|---|---|---|---|---|")
+    for name, entries, r in rows:
+        shares = [100 * t / between for t in r["seconds"]]
+        whole = 100 * (sum(r["seconds"]) + r["fit_end"]) / (max_steps * step_s)
+        held = f"{r['held'][0]}, {r['held'][min(1, saves - 1)]}, {r['held'][-1]} of {entries}"
+        print(f"| {name} | {max(shares):.2f}%, {statistics.median(shares):.2f}% | {held} | {max(r['lag'])} | "
+              f"{r['fit_end']:.2f} s | {whole:.2f}% |", flush=True)
     return 0
 
 

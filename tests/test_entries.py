@@ -232,14 +232,14 @@ def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budge
     assert [e["profile_step"] for e in save(3, 30, 12.0)[0]] == [30, 30, 20, 20, 30, 30]  # wraps around the grid
     assert cache.carry == 0.0  # time left over does not carry: each save keeps to its share
     assert cache.predict(next(iter(cache.results))) == pytest.approx(0.05, rel=0.2)  # the measured time
-    cache.times = {kind: 0.0 for kind in cache.times}  # a prediction far too low: the save overspends
+    cache.times = {kind: [0.0, 1] for kind in cache.times}  # a prediction far too low: the save overspends
     cache.timed = lambda key, seconds: None  # (and stays so)
     assert len(save(1, 40, 1.0)[0]) == 6 and cache.seconds > 0.05 > 0.02 and cache.carry < 0  # (by one at most)
     assert cache.carry == pytest.approx(0.02 - cache.seconds, abs=1e-3)
     cache.last_end = cache.last_call = time.perf_counter() - 1.0  # the overspend is paid back from the next share
     assert cache.entries(profiles[2], SCHED, grid, SimpleNamespace(global_step=41, world_size=1))[1] is False
     big = EntryCache(budget=0.02)
-    big.times = {(False, None, 4): 0.3}  # an optimisation predicted at 0.3 s: more than one save's share
+    big.times = {(False, None, 4): [0.3, 1]}  # an optimisation predicted at 0.3 s: more than one save's share
     big.last_end = big.last_call = time.perf_counter() - 10.0
     assert big.entries(profiles[0], SCHED, grid) == ([], False)  # 0.2 s: nothing fits
     big.last_end, big.last_call = time.perf_counter() - 20.0, time.perf_counter() - 10.0  # the next save, 10 s on:

@@ -306,7 +306,8 @@ class EntryCache:
     def _pass(self, profile: Any, schedule: Any, grid: TrajectoryGrid, start: int, allowance: float | None,
               step: int | None) -> tuple[list[dict[str, Any]], _Slice]:
         sl = _Slice(self, start, allowance, step)
-        model = self.model_fn() if self.model_fn is not None and "gits" in grid.bases and grid.steps else None
+        needs = {"gits", "ays"} & set(grid.bases)  # bases made from the model (its paths; its family)
+        model = self.model_fn() if self.model_fn is not None and needs and grid.steps else None
         out = compute_entries(profile, schedule, grid, sl, model=model, peer_cache=self.peers,
                               peer_refresh=allowance is None) if grid.steps else []  # budgeted: no teacher pass
         for entry, st in zip(out, sl.steps, strict=True):

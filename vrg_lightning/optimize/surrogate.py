@@ -12,13 +12,17 @@ that have the exact value and gradient at ``c`` (a linear part ``g_lin·(y - c)`
   :func:`~.chain.refine`), which finds basins, kinks and joint moves. Its curvature is the paper loss's, corrected
   along the last step by a secant proximal weight ``μ``; successive steps along one direction are extrapolated.
 - the *weight model* (:class:`WeightModel`): ``Σ_e (w_e(c) + J_e·(y - c))² MSE(ℓ_e(y))``, weights linear in the
-  variables (``J`` by finite differences in the variables that can move), the MSE exact at the evaluated levels
+  variables (``J`` by finite differences in the variables that can move; for long trajectories all columns at once,
+  as an evaluation's weight depends on a band of steps only, :meth:`SolverObjective.jacobians`), the MSE exact at the
+  evaluated levels
   (the trajectory's own values; ``pndm``'s midpoints linearised): Gauss-Newton curvature, minimised by the smooth
   phase; it converges on the smooth part.
 
 The exact objective accepts or rejects each step; the search starts with the chain model, switches to the other
-model whenever one stops gaining, and shrinks the radius when neither gains. For ``ddim``/``dpmsolver1`` the weights
-are ``s_{i-1} - s_i`` and the objective is the paper loss, which is why those solvers never come here.
+model whenever one stops gaining, and shrinks the radius when neither gains (it stops when the exact gradient leaves
+no gain above ``tol`` inside the smaller radius; a weight model is not rebuilt close to where the last found no
+step). For ``ddim``/``dpmsolver1`` the weights are ``s_{i-1} - s_i`` and the objective is the paper loss, which is
+why those solvers never come here.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ __all__ = ["ALIGNED", "SCOUT_ITERS", "SolverObjective", "WeightModel", "solver_s
 
 ALIGNED = 0.9  # cosine of two successive chain steps above which the search extrapolates along the last one
 SCOUT_ITERS = 3  # accepted steps (at most twice as many iterations) that scout the basin of a second start
-MAX_DIFFERENCED = 32  # Jacobian columns of a weight model (solver runs); long trajectories get the steepest
+COLORS = 10  # trajectory values perturbed together in a weight model's finite differences (solver runs per model)
+BAND_BEFORE, BAND_AFTER = 4, 2  # an evaluation's weight depends on these many cleaner / noisier steps (tested)
+FD_STEP, BAND_STEP = 1e-7, 1e-8  # finite-difference steps: of one variable (x its box width), of log ᾱ (banded)
+NULL, NEAR = 1e-9, 1e-2  # a weight-model step below NULL x the box counts as none; it is not built again within
+# NEAR x the box of where it found none
 MODEL_FTOL, MODEL_RESOLUTION = 1e-10, 1e-10  # how precisely a model is minimised (it is only a model)
 
 
@@ -122,27 +130,64 @@ class SolverObjective:
         model.lin = g - model.value_and_grad(y)[1]
         return model
 
-    def model(self, y: np.ndarray, g: np.ndarray) -> WeightModel:
-        """The model at ``y`` whose gradient there is ``g`` (the exact gradient, from :meth:`at`). The Jacobians of
-        the weights and levels are differenced in the variables that can move (inside the box, or on a bound with
-        the gradient pointing inwards; at most :data:`MAX_DIFFERENCED`, those whose gradient moves the loss most);
-        the other columns are zero."""
+    def jacobians(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(w, levels, dw/dy, dlevels/dy)`` at ``y``: the weights and levels of every evaluation and their
+        Jacobians in the variables, by finite differences in log ᾱ. An evaluation depends on the trajectory values
+        from :data:`BAND_BEFORE` steps cleaner to :data:`BAND_AFTER` noisier than its own step only (exactly for all
+        solvers but ``dpmpp_2m``, whose dependence on cleaner steps decays geometrically), so the values :data:`COLORS`
+        steps apart are perturbed together: ``min(N, COLORS)`` solver runs give every column."""
         p = self.prob
         w, levels = self._weights(y)
+        ab = p.vars.alpha_bar_np(y[None])[0]
+        step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)  # the step of each evaluation
+        gaps = -np.diff(np.log(ab))
+        h = min(BAND_STEP, 0.1 * float(gaps.min())) if gaps.size else BAND_STEP
+        colors = min(ab.size, COLORS)
+        jz, jz_levels = np.zeros((w.size, ab.size)), np.zeros((w.size, ab.size))
+        rows = np.arange(w.size)
+        for r in range(colors):
+            moved = np.arange(r, ab.size, colors)
+            abk = ab.copy()
+            abk[moved] *= math.exp(-h)
+            with torch.no_grad():
+                prop = propagation(self.solver, torch.as_tensor(abk))
+            self.calls += 1
+            if colors == ab.size:  # one value moved: its column, exactly
+                col = np.full(w.size, r)
+            else:  # the moved value in the band of each evaluation: BAND_AFTER noisier to colors - 1 - that cleaner
+                col = step + BAND_AFTER - (step + BAND_AFTER - r) % colors
+            ok = (col >= 0) & (col < ab.size)
+            jz[rows[ok], col[ok]] = (prop.weights.numpy() - w)[ok] / -h
+            jz_levels[rows[ok], col[ok]] = (prop.alpha_bar.numpy() - levels)[ok] / -h
+        if p.alpha:  # log ᾱ = cumsum(y): column k moves every value from k on
+            jac, jac_levels = np.cumsum(jz[:, ::-1], 1)[:, ::-1], np.cumsum(jz_levels[:, ::-1], 1)[:, ::-1]
+        else:  # y = λ: d log ᾱ / dλ = 1 - ᾱ
+            jac, jac_levels = jz * (1 - ab), jz_levels * (1 - ab)
+        return w, levels, jac, jac_levels
+
+    def model(self, y: np.ndarray, g: np.ndarray) -> WeightModel:
+        """The model at ``y`` whose gradient there is ``g`` (the exact gradient, from :meth:`at`). The Jacobians of
+        the weights and levels are those of the variables that can move (inside the box, or on a bound with the
+        gradient pointing inwards; the other columns zero): differenced one variable at a time when they are at most
+        :data:`COLORS`, else all at once by :meth:`jacobians`."""
+        p = self.prob
         free = ((y > p.lo) | (g < 0)) & ((y < p.hi) | (g > 0))
         if p.pinned:
             free[-1] = False
-        jac, jac_levels = np.zeros((w.size, y.size)), np.zeros((w.size, y.size))
-        width = p.hi - p.lo
         cols = np.flatnonzero(free)
-        if cols.size > MAX_DIFFERENCED:  # long trajectories: the columns whose gradient moves the loss most
-            cols = np.sort(cols[np.argsort(-np.abs(g[cols] * width[cols]), kind="stable")[:MAX_DIFFERENCED]])
-        for k in cols:
-            h = 1e-7 * max(width[k], 1e-300) * (1.0 if y[k] - p.lo[k] < 0.5 * width[k] else -1.0)
-            yk = y.copy()
-            yk[k] += h
-            wk, lk = self._weights(yk)
-            jac[:, k], jac_levels[:, k] = (wk - w) / h, (lk - levels) / h
+        if cols.size > COLORS:
+            w, levels, jac, jac_levels = self.jacobians(y)
+        else:  # as few columns as colours: each differenced alone, in its own variable
+            w, levels = self._weights(y)
+            jac, jac_levels = np.zeros((w.size, y.size)), np.zeros((w.size, y.size))
+            width = p.hi - p.lo
+            for k in cols:
+                h = FD_STEP * max(width[k], 1e-300) * (1.0 if y[k] - p.lo[k] < 0.5 * width[k] else -1.0)
+                yk = y.copy()
+                yk[k] += h
+                wk, lk = self._weights(yk)
+                jac[:, k], jac_levels[:, k] = (wk - w) / h, (lk - levels) / h
+        jac[:, ~free] = jac_levels[:, ~free] = 0.0
         ab = p.vars.alpha_bar_np(y[None])[0]
         step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
         model = WeightModel(p, w, jac, y.copy(), step, ab[step] == levels, levels, jac_levels)
@@ -225,6 +270,8 @@ def descend(exact: SolverObjective, y: np.ndarray, max_iters: int | None = None,
     weight_model: WeightModel | None = None
     tol, iters, use_chain, fails, tried, mu, accepted = prob.s.tol, 0, True, 0, 0.0, 0.0, 0
     last_chain: np.ndarray | None = None
+    null_at: np.ndarray | None = None  # where the weight model last found no step
+    scale = float(np.max(prob.hi - prob.lo))
     while iters < (prob.s.max_rounds if max_iters is None else max_iters) and math.isfinite(f):
         iters += 1
         lo, hi = prob.lo, prob.hi
@@ -237,9 +284,12 @@ def descend(exact: SolverObjective, y: np.ndarray, max_iters: int | None = None,
             yn, fmn = smooth(model, y, fm, lo, hi, MODEL_FTOL) if radius is None else (y, fm)
             yn, fmn, _ = refine(model, yn, fmn, lo, hi, h0=None if radius is None else radius / OFFSETS,
                                 resolution=MODEL_RESOLUTION)
+        elif null_at is not None and float(np.max(np.abs(y - null_at))) <= NEAR * scale:
+            yn, iters = y, iters - 1  # the weight model found no step close by: as if it found none here
         else:
             weight_model = weight_model or exact.model(y, g)
             yn, _ = smooth(weight_model, y, weight_model.loss(y), lo, hi, MODEL_FTOL)
+            null_at = y.copy() if float(np.max(np.abs(yn - y))) <= NULL * scale else None
         d = yn - y
         step = float(np.max(np.abs(d)))
         fn = exact.value(yn) if step > 0 else math.inf
@@ -254,19 +304,21 @@ def descend(exact: SolverObjective, y: np.ndarray, max_iters: int | None = None,
                         float(d @ d) * float(last_chain @ last_chain)):
                     yn, fn = _extrapolate(exact, y, d, yn, fn)  # chain steps along one direction: go further
                 last_chain = yn - y
-            y, weight_model, tried = yn, None, 0.0
+            y, weight_model = yn, None
             f, g = exact.at(y)
             radius = None if radius is None else 2 * radius
             converged = gain <= tol * max(1.0, abs(f))  # this model is done here: try the other one
             fails = fails + 1 if converged else 0
+            tried = tried if converged else 0.0  # a step that gained nothing does not end the search by its size
             use_chain = use_chain != converged
             if max_accepted is not None and accepted >= max_accepted:
                 break
         else:
             fails += 1
             use_chain = not use_chain
-        if fails >= 2:  # neither model gains at this radius
-            if tried < 1e-13:
+        if fails >= 2:  # neither model gains at this radius: a smaller one, unless no gain above tol fits in it
+            movable = ((y > prob.lo) | (g < 0)) & ((y < prob.hi) | (g > 0))
+            if tried < 1e-13 or float(np.abs(g[movable]).sum()) * 0.25 * tried <= tol * max(1.0, abs(f)):
                 break
             radius, fails, tried = 0.25 * tried, 0, 0.0
     return y, f, iters
