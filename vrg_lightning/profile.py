@@ -60,8 +60,7 @@ class ErrorProfile:
         count, lam_sum, n, s1, s2, s3, s4: initial sums per bin (``[B]`` each; default 0), or ``sums`` ``[7, B]``.
         moments: 4 for measured profiles; 2 for tables imported with only MSE (higher statistics unknown).
         source: where the profile comes from (``free``, ``probe``, ``table``, ...).
-        paper_knots: optional ``(alpha_bar, mse)`` rows used verbatim by ``mode="paper"`` (the reference
-            table including its safeguard row).
+        paper_knots: optional ``(alpha_bar, mse)`` rows used verbatim by ``mode="paper"`` (reference table + safeguard).
         meta: plain settings recorded with the profile.
 
     Example:
