@@ -52,7 +52,7 @@ def test_settings_keep_peers_and_old_dicts_still_load() -> None:
     assert "peers" not in old  # no peers: the stored format of before
     assert TuneSettings.from_dict(old).peers == () == TuneSettings.from_dict({"peers": None}).peers
     for bad in (["unipc"], ["dmn", "dmn"], 3):
-        with pytest.raises(ValueError, match=r"peers must be distinct names of gits, dmn; got \[.+\]\."):
+        with pytest.raises(ValueError, match=r"peers must be distinct names of gits, dmn, ays; got \[.+\]\."):
             TuneSettings.from_dict({"peers": bad})
 
 

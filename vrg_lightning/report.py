@@ -229,6 +229,10 @@ def _model_summary(model: Any, module: Any = None) -> dict[str, Any] | None:
         return {"kind": "unet", "prediction_type": den.get("prediction_type"), "num_classes": den.get("num_classes"),
                 "unet": {k: unet.get(k) for k in keys}, "ema": bool(model.get("ema_weights")),
                 "source": model.get("source")}
+    if isinstance(model, Mapping) and isinstance(model.get("latent_pipeline"), Mapping):
+        src = model["latent_pipeline"]
+        return {"kind": "latent", "diffusers_dir": src.get("diffusers_dir"), "pipeline": src.get("pipeline"),
+                "sample_shape": model.get("sample_shape")}
     if isinstance(module, Mapping) and module.get("class_path"):
         return {"kind": "lightning", "class_path": module.get("class_path"),
                 "sample_shape": module.get("sample_shape")}
@@ -261,10 +265,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                  "toolkit_version": vrg.get("toolkit_version"), "schedule": dict(vrg["schedule"]),
                  "profile": profile_summary(vrg["profile"]), "profiler": _plain(vrg.get("profiler")),
                  "entries": [_plain(dict(e)) for e in vrg["entries"]]})
+    if isinstance(vrg.get("guided_profiles"), Mapping):  # vrg profile --guidance-scales: {str(w): profile}
+        info["guided_profiles"] = {str(w): profile_summary(d) for w, d in vrg["guided_profiles"].items()}
     return info
 
 
-def _entry_line(e: Mapping[str, Any]) -> str:
+def _entry_line(e: Mapping[str, Any], guided: bool = False) -> str:
     num = {k: math.nan if e.get(k) is None else float(e[k]) for k in ("cpe_before", "cpe_after", "lp")}
     b, a = num["cpe_before"], num["cpe_after"]  # tuned "base" entries hold None
     change = 100 * (a / b - 1) if b and math.isfinite(b) else math.nan
@@ -275,7 +281,8 @@ def _entry_line(e: Mapping[str, Any]) -> str:
 
     return (f"{e['solver']:<10} {e['steps']:>5} {e['base']:<15} {str(e.get('objective', '?')):<9} "
             f"{cell(num['lp'], '>6.3g', 6)} {cell(b, '>12.6g', 12)} {cell(a, '>12.6g', 12)} "
-            f"{cell(change, '>+7.2f', 7)}{'%' if math.isfinite(change) else ' '}  {vtxt}")
+            f"{cell(change, '>+7.2f', 7)}{'%' if math.isfinite(change) else ' '}  "
+            + (f"{float(e.get('guidance_scale', 1.0)):>8.4g}  " if guided else "") + vtxt)
 
 
 def format_report(info: Mapping[str, Any]) -> str:
@@ -291,6 +298,9 @@ def format_report(info: Mapping[str, Any]) -> str:
     elif m and m.get("kind") == "spec":
         lines.append(f"model     --model {m['spec']} (weights not stored: pass it again), sample shape "
                      f"{m.get('sample_shape')}, {m.get('prediction_type')}, classes {m.get('num_classes')}")
+    elif m and m.get("kind") == "latent":
+        lines.append(f"model     {m.get('pipeline')} {m.get('diffusers_dir')} (weights not stored: pass "
+                     f"--diffusers-dir again), latents {m.get('sample_shape')}")
     elif m:
         lines.append(f"model     LightningModule {m['class_path']}, sample shape {m.get('sample_shape')}")
     if "missing" in info:
@@ -315,14 +325,19 @@ def format_report(info: Mapping[str, Any]) -> str:
     elif prof:
         lines.append(f"profiler  step {prof.get('step')}, half-life {prof.get('half_life_samples')} samples, "
                      f"skipped non-finite {prof.get('nonfinite_skipped', 0)}")
+    if info.get("guided_profiles"):
+        lines.append("guided    " + "; ".join(f"w = {w}: MSE {g.get('mse_min', math.nan):.4g}.."
+                                              f"{g.get('mse_max', math.nan):.4g}"
+                                              for w, g in info["guided_profiles"].items()))
     lines.append(f"vrg       format {info['format']} v{info['version']}, created {info.get('created')}, "
                  f"toolkit {info.get('toolkit_version')}")
     entries = info["entries"]
     if not entries:
         lines.append("entries   none (profile only)")
         return "\n".join(lines)
+    guided = any("guidance_scale" in e for e in entries)  # a guidance column only where entries record one
     head = f"{'solver':<10} {'steps':>5} {'base':<15} {'objective':<9} {'lp':>6} {'cpe before':>12} " \
-           f"{'cpe after':>12} {'change':>8}  validated"
+           f"{'cpe after':>12} {'change':>8}  " + (f"{'guidance':>8}  " if guided else "") + "validated"
     lines += ["", head, "-" * len(head)]
-    lines += [_entry_line(e) for e in entries]
+    lines += [_entry_line(e, guided) for e in entries]
     return "\n".join(lines)

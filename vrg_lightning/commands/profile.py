@@ -17,6 +17,19 @@ SPEC``: any ``nn.Module`` called as ``model(x, t)``; the output records the SPEC
 sample shape (not the weights): later commands take it with ``--model SPEC``. ``--data FILE.pt``: a tensor
 ``[N, ...]`` of training samples in model space (it also gives the sample shape). The probe is
 :func:`vrg_lightning.probe.probe_profile` (stratified over noise levels, fixed seed).
+
+Guided latent profiles (a local ``StableDiffusionPipeline`` folder; the output records the folder, not its
+weights)::
+
+    vrg profile --diffusers-dir SD_DIR --data latents.pt --guidance-scales 1,7.5 --out prof.pt
+    vrg profile --diffusers-dir SD_DIR --data images/ --captions captions.txt --guidance-scales 7.5 --out prof.pt
+
+``--guidance-scales`` (a text-conditioned model, or a class-conditional one with labelled ``--data``): one probe
+pass measures ε̂_∅ and ε̂_c at each (x_t, ε) and gives the profile of ε̂_w - ε at every scale w
+(:func:`vrg_lightning.models.guided.probe_guided`). The ``vrg`` section stores them as ``guided_profiles``
+(``{str(w): profile}``), the scale-1 profile (else the first scale's) as ``profile``, and the entries of each scale,
+optimised on that scale's profile, with their ``guidance_scale``. A Stable Diffusion folder without the flag is
+profiled at w = 1 (the conditional prediction on the data's own captions).
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..probe import PROBE_BATCH, PROBE_BINS, PROBE_SAMPLES
-from ._args import add_grid_arguments, grid_from_args
+from ._args import add_grid_arguments, add_list_argument, grid_from_args
 from ._model import add_model_arguments, model_from_args
 
 
@@ -37,9 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", metavar="CKPT", default=None,
                         help="checkpoint of DiffusionModule or of a LightningModule following the VRG protocol")
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, metavar="NAME|FILE.pt",
+    parser.add_argument("--data", required=True, metavar="NAME|FILE.pt|DIR",
                         help="probe samples: digits, patches, cifar10, folder:PATH, or FILE.pt (a tensor [N, ...] of "
-                             "training samples in model space)")
+                             "training samples in model space). With a Stable Diffusion --diffusers-dir: FILE.pt, a "
+                             "dict {'latents': float [N, C, h, w] (VAE latents times its scaling_factor), "
+                             "'prompt_embeds': float [N, L, D] (the text encoder's embedding of each latent's "
+                             "caption)}, as LatentCaptions.save writes it; or DIR, an image folder, with --captions")
+    parser.add_argument("--captions", metavar="FILE.txt", default=None,
+                        help="with --data DIR and a Stable Diffusion --diffusers-dir: one caption per line, line i for "
+                             "the i-th image in sorted file order (as many lines as images)")
+    add_list_argument(parser, "--guidance-scales", float, None,
+                      "classifier-free guidance scales w to profile and optimise for (a conditional model; "
+                      "default: unguided, or w = 1 for a Stable Diffusion folder)")
     parser.add_argument("--data-root", default="data", help="root folder of cifar10 (default: data)")
     parser.add_argument("--out", required=True, metavar="FILE", help="new file to write (refused if it exists)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out (never the input)")
@@ -75,12 +97,51 @@ def _dataset(args: argparse.Namespace, shape: tuple[int, ...], dataset=None):
     return dataset
 
 
+def _latent_data(args: argparse.Namespace, den: Any):
+    """The :class:`~vrg_lightning.models.guided.LatentCaptions` of ``--data`` (and ``--captions``)."""
+    from ..models.guided import LatentCaptions
+
+    data = Path(args.data)
+    if args.captions is None:
+        if data.is_dir():
+            raise ValueError(f"--data {args.data!r} is a folder of images: give their captions with --captions "
+                             "FILE.txt (one per line, in sorted file order), or a .pt of latents and prompt_embeds.")
+        return LatentCaptions.load(data)
+    if not data.is_dir():
+        raise ValueError(f"--captions {args.captions!r} goes with --data DIR, a folder of images; got --data "
+                         f"{args.data!r}.")
+    try:
+        return LatentCaptions.from_folder(den, data, args.captions, seed=args.seed, batch_size=args.batch_size)
+    except ValueError as exc:
+        raise ValueError(f"--data {args.data!r} with --captions {args.captions!r}: {exc}") from exc
+
+
+def _scales(args: argparse.Namespace, latent: bool) -> tuple[float, ...] | None:
+    """The guidance scales to profile (distinct, in the given order); ``None``: the unguided probe."""
+    import math
+
+    if args.guidance_scales is None:
+        return (1.0,) if latent else None
+    scales = tuple(dict.fromkeys(float(w) for w in args.guidance_scales))
+    if not scales or not all(math.isfinite(w) for w in scales):
+        raise ValueError(f"--guidance-scales must be one or more finite numbers; got "
+                         f"{','.join(map(str, args.guidance_scales)) or 'none'}.")
+    return scales
+
+
+def _profile_meta(profile: Any, args: argparse.Namespace) -> Any:
+    profile.meta.pop("rank", None)
+    profile.meta.update({"data": args.data, "ema": not args.no_ema})
+    return profile
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import VRG_KEY, build_vrg_state
     from ..data import load_dataset
     from ..io import atomic_torch_save, check_output_file
+    from ..models.latent import is_latent_pipeline_dir
     from ..optimize.entries import compute_entries
     from ..probe import probe_profile
     from ..report import format_report, inspect_checkpoint
@@ -89,32 +150,50 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("vrg profile needs a model: --ckpt CKPT, --model SPEC or --diffusers-dir DIR.")
     out = Path(args.out)
     src = args.ckpt or args.diffusers_dir or args.model
-    inputs = {"--ckpt": args.ckpt, "--data": args.data if Path(args.data).is_file() else None}
+    inputs = {"--ckpt": args.ckpt, "--data": args.data if Path(args.data).is_file() else None,
+              "--captions": args.captions}
     check_output_file(out, inputs, force=args.force, name="--out", force_hint="--force")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1; got {args.samples}.")
-    data = load_dataset(args.data) if args.data.endswith(".pt") else None  # a file gives the sample shape
+    latent = bool(args.diffusers_dir) and is_latent_pipeline_dir(args.diffusers_dir)
+    if args.captions is not None and not latent:
+        raise ValueError(f"--captions {args.captions!r} is for a Stable Diffusion pipeline folder (--diffusers-dir "
+                         "with a StableDiffusionPipeline model_index.json) and --data DIR.")
+    scales = _scales(args, latent)
+    data = load_dataset(args.data) if args.data.endswith(".pt") and not latent else None  # gives the sample shape
     loaded = model_from_args(args, None if data is None else tuple(_first(data).shape), use_ema=not args.no_ema)
-    den = loaded.denoiser
-    dataset = _dataset(args, tuple(den.sample_shape), data)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    den = den.to(device).eval()
-    profile = probe_profile(den, dataset, den.schedule, num_samples=args.samples, num_bins=args.bins, seed=args.seed,
-                            batch_size=args.batch_size, device=device)
-    profile.meta.pop("rank", None)
-    profile.meta.update({"data": args.data, "ema": not args.no_ema})
+    den = loaded.denoiser.to(device).eval()
+    dataset = _latent_data(args, den) if latent else _dataset(args, tuple(den.sample_shape), data)
+    probe = dict(num_samples=args.samples, num_bins=args.bins, seed=args.seed, batch_size=args.batch_size,
+                 device=device)
     grid = grid_from_args(args)
-    entries = compute_entries(profile, den.schedule, grid, model=den) if grid.steps else []  # den: for gits
+    if scales is None:
+        profile = _profile_meta(probe_profile(den, dataset, den.schedule, **probe), args)
+        entries = compute_entries(profile, den.schedule, grid, model=den) if grid.steps else []  # den: for gits
+        guided = {}
+    else:
+        from ..models.guided import probe_guided
+
+        try:
+            profiles = probe_guided(den, dataset, scales, **probe)
+        except ValueError as exc:
+            flag = "--guidance-scales " + ",".join(map(str, scales)) if args.guidance_scales else "--diffusers-dir"
+            raise ValueError(f"{flag} (--data {args.data!r}): {exc}") from exc
+        profiles = {w: _profile_meta(p, args) for w, p in profiles.items()}
+        profile = profiles.get(1.0, profiles[scales[0]])
+        entries = [dict(e, guidance_scale=w) for w in scales for e in
+                   (compute_entries(profiles[w], den.schedule, grid, model=den) if grid.steps else [])]
+        guided = {"guided_profiles": {str(w): p.to_dict() for w, p in profiles.items()}}
     result = dict(loaded.checkpoint)
     sections = dict(loaded.sections)
     model = sections.pop("model", None)
+    settings = {"profile_source": "probe", "command": "vrg profile", "input": str(src), "samples": args.samples,
+                "seed": args.seed, "ema": not args.no_ema, "optimize": grid.to_dict()}
+    if scales is not None:
+        settings.update(guidance_scales=list(scales), data=args.data, captions=args.captions)
     result[VRG_KEY] = build_vrg_state(den.schedule, profile, entries, prediction_type=den.prediction_type,
-                                      model=model or None,
-                                      extra={**sections,
-                                             "profiler": {"profile_source": "probe", "command": "vrg profile",
-                                                          "input": str(src), "samples": args.samples,
-                                                          "seed": args.seed, "ema": not args.no_ema,
-                                                          "optimize": grid.to_dict()}})
+                                      model=model or None, extra={**sections, **guided, "profiler": settings})
     check_output_file(out, inputs, force=args.force, name="--out", force_hint="--force")  # again: it took a while
     atomic_torch_save(out, result, overwrite=args.force)
     info = inspect_checkpoint(os.fspath(out))

@@ -59,9 +59,10 @@ class LatentCaptions(Dataset):
 
     @classmethod
     @torch.no_grad()
-    def from_images(cls, denoiser: Any, images: Tensor, captions: Sequence[str], *, seed: int = 0,
+    def from_images(cls, denoiser: Any, images: Tensor | Dataset, captions: Sequence[str], *, seed: int = 0,
                     batch_size: int = 16) -> LatentCaptions:
-        """Encode images in [-1, 1] ``[N, 3, H, W]`` (VAE, seeded) and their ``N`` captions (text encoder).
+        """Encode images in [-1, 1] ``[N, 3, H, W]`` (VAE, seeded) and their ``N`` captions (text encoder);
+        ``images`` may also be a dataset of ``[3, H, W]`` images or ``(image, label)`` items, read batch by batch.
 
         Raises:
             ValueError: a different number of images and captions, captions that are not strings.
@@ -69,17 +70,49 @@ class LatentCaptions(Dataset):
         if not isinstance(captions, Sequence) or isinstance(captions, str) or \
                 not all(isinstance(c, str) for c in captions):
             raise ValueError(f"captions must be a list of strings, one per image; got {type(captions).__name__}.")
-        n = images.shape[0] if torch.is_tensor(images) and images.ndim == 4 else None
+        tensor = torch.is_tensor(images)
+        n = (images.shape[0] if images.ndim == 4 else None) if tensor else len(images)
         if n != len(captions):
-            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            got = tuple(images.shape) if tensor else f"{n} of {type(images).__name__}"
             raise ValueError(f"images [N, 3, H, W] and captions must be as many; got images {got} and "
                              f"{len(captions)} captions.")
-        g = torch.Generator().manual_seed(seed)
+        from .base import device_dtype
+
+        g, (dev, dtype) = torch.Generator().manual_seed(seed), device_dtype(denoiser)
         z, e = [], []
-        for a in range(0, n, batch_size):
-            z.append(denoiser.encode(images[a:a + batch_size], generator=g))
-            e.append(denoiser.encode_prompt(list(captions[a:a + batch_size])))
+        for a in range(0, n, batch_size):  # encoded on the model's device, kept on CPU
+            batch = images[a:a + batch_size] if tensor else torch.stack(
+                [_image(images[i]) for i in range(a, min(n, a + batch_size))])
+            z.append(denoiser.encode(batch.to(dev, dtype), generator=g).cpu())
+            e.append(denoiser.encode_prompt(list(captions[a:a + batch_size])).cpu())
         return cls(torch.cat(z), torch.cat(e))
+
+    @classmethod
+    def from_folder(cls, denoiser: Any, folder: str | os.PathLike, captions: str | os.PathLike, *, seed: int = 0,
+                    batch_size: int = 16) -> LatentCaptions:
+        """Encode an image folder (:class:`~vrg_lightning.data.ImageFolderDataset`: recursive, sorted, resized and
+        centre-cropped to the VAE's input size) with a text file of one caption per line, line ``i`` for the
+        ``i``-th file in sorted order (an empty line is the empty prompt).
+
+        Raises:
+            FileNotFoundError: no such folder or captions file.
+            ValueError: a non-square latent, no images, or as many captions as images not given.
+        """
+        from ..data import ImageFolderDataset
+
+        _, h, w = denoiser.sample_shape
+        if h != w:
+            raise ValueError(f"folder images are square; the model's latents are {h}x{w}: give a .pt of latents.")
+        factor = 2 ** (len(denoiser.vae.config.block_out_channels) - 1)
+        images = ImageFolderDataset(folder, image_size=h * factor, channels=3)
+        path = Path(captions)
+        if not path.is_file():
+            raise FileNotFoundError(f"The captions file {str(path)!r} does not exist or is not a file.")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if len(lines) != len(images):
+            raise ValueError(f"captions {str(path)!r} has {len(lines)} lines but folder {str(folder)!r} has "
+                             f"{len(images)} images: give one caption per image, in sorted file order.")
+        return cls.from_images(denoiser, images, lines, seed=seed, batch_size=batch_size)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatentCaptions:
@@ -125,6 +158,11 @@ class GuidedPrediction(nn.Module):
             raise ValueError("GuidedPrediction needs caption indices or class labels (class_labels); the probe data "
                              "gives them.")
         return self.denoiser.eps_fn(_condition(self.prompt_embeds, class_labels), self.guidance_scale)(x, alpha_bar)
+
+
+def _image(item: Any) -> Tensor:
+    """The image of a dataset item (``image`` or ``(image, label)``)."""
+    return item[0] if isinstance(item, (tuple, list)) else item
 
 
 def _condition(prompt_embeds: Tensor | None, labels: Tensor) -> Tensor:
