@@ -278,3 +278,23 @@ def test_list_flags_take_comma_lists_with_choices_from_the_package(files: dict[s
     assert "--solver: unknown 'fancy'; allowed: " + ", ".join(SOLVERS) in err
     assert main(_args(files, tmp_path / "x", "--compare", "--seeds", "0,a")) == 2
     assert "--seeds must be a comma list of int" in capsys.readouterr().err
+
+
+def test_stored_entries_per_guidance_scale_resolve_by_the_sampled_scale() -> None:
+    """Entries optimised on guided profiles record their scale: sampling at w takes w's entry; entries without the
+    key (every checkpoint before guided profiles) resolve whatever the guidance scale."""
+    from vrg_lightning.sampling import resolve_trajectory
+    from vrg_lightning.schedule import NoiseSchedule
+
+    sched = NoiseSchedule()
+    base = make_trajectory(sched, "logSNR", 4)
+    entry = {"solver": "ddim", "steps": 4, "base": "logSNR", "objective": "paper", "lp": 0.1}
+    per_w = {w: dict(entry, guidance_scale=w, alpha_bar=torch.sigmoid(torch.logit(base) + 0.01 * w).tolist())
+             for w in (1.0, 7.5)}
+    vrg = {"schedule": sched.to_dict(), "entries": list(per_w.values())}
+    for w, e in per_w.items():
+        assert list(resolve_trajectory(sched, vrg, "ddim", 4, "vrg", guidance_scale=w).alpha_bar) == e["alpha_bar"]
+    with pytest.raises(ValueError, match="No stored VRG trajectory"):
+        resolve_trajectory(sched, vrg, "ddim", 4, "vrg", guidance_scale=3.0)
+    old = {"schedule": sched.to_dict(), "entries": [dict(entry, alpha_bar=base.tolist())]}
+    assert list(resolve_trajectory(sched, old, "ddim", 4, "vrg", guidance_scale=3.0).alpha_bar) == base.tolist()

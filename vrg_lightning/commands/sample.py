@@ -104,7 +104,7 @@ def resolve_from_args(args: argparse.Namespace, schedule: Any, vrg: Any, solver:
         raise ValueError(f"--trajectory {trajectory} needs --steps N.")
     try:
         traj = resolve_trajectory(schedule, vrg, solver, steps, trajectory, base=args.base, objective=args.objective,
-                                  lp=args.lp, model=model)
+                                  lp=args.lp, model=model, guidance_scale=getattr(args, "guidance_scale", None))
     except ValueError as exc:
         raise ValueError(f"{flags}: {exc}" + (" (flags --base, --objective, --lp)" if "match" in str(exc) else "")
                          ) from exc

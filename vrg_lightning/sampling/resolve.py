@@ -74,8 +74,10 @@ def _peer(schedule: Any, vrg: Mapping[str, Any] | None, solver: str, steps: int,
 
 
 def _stored(schedule: Any, vrg: Mapping[str, Any] | None, solver: str, steps: int, base: str | None,
-            objective: str | None, lp: float | None) -> Trajectory:
-    e = select_entry(vrg, solver, steps, base=base, objective=objective, lp=lp)
+            objective: str | None, lp: float | None, guidance_scale: float | None = None) -> Trajectory:
+    scaled = any("guidance_scale" in e for e in (vrg or {}).get("entries", []) if isinstance(e, Mapping))
+    e = select_entry(vrg, solver, steps, base=base, objective=objective, lp=lp,
+                     guidance_scale=guidance_scale if scaled else None)  # entries per scale: the sampled one
     if vrg is not None and "schedule" in vrg:
         check_same_schedule(vrg["schedule"], schedule, "checkpoint's vrg section")
     ab = validate_trajectory(e["alpha_bar"], "stored VRG trajectory")
@@ -97,6 +99,7 @@ def resolve_trajectory(
     objective: str | None = None,
     lp: float | None = None,
     model: Any = None,
+    guidance_scale: float | None = None,
 ) -> Trajectory:
     """Turn ``trajectory`` (a base name, ``"vrg"`` or a trajectory file) into ᾱ values.
 
@@ -107,6 +110,8 @@ def resolve_trajectory(
         trajectory: one of :data:`TRAJECTORY_NAMES` or a file (:func:`~vrg_lightning.trajectories.load_trajectory`).
         base, objective, lp: narrow the stored entry (``None`` = any).
         model: the denoiser a ``gits`` trajectory is computed from when the checkpoint stores none.
+        guidance_scale: the scale sampling uses; where stored entries record the scale they were optimised for
+            (guided profiles), the entry of this scale (an entry without one counts as 1).
 
     Raises:
         ValueError: unknown name and no such file, no ``steps`` for a name, a file whose length differs from
@@ -122,7 +127,7 @@ def resolve_trajectory(
         if steps is None:
             raise ValueError(f"trajectory {trajectory!r} needs steps (the number of steps); got steps=None.")
         if trajectory == "vrg":
-            return _stored(schedule, vrg, solver, int(steps), base, objective, lp)
+            return _stored(schedule, vrg, solver, int(steps), base, objective, lp, guidance_scale)
         if trajectory in PEER_BASES:
             return _peer(schedule, vrg, solver, int(steps), trajectory, model)
         ab = make_trajectory(schedule, trajectory, int(steps))
