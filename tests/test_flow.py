@@ -114,3 +114,23 @@ def test_vrg_scheduler_loop_on_ve_equals_the_toolkit_sampler(path, pred: str) ->
         for t in sched.timesteps:
             x = sched.step(den.unet(x, t).sample, t, x).prev_sample
     torch.testing.assert_close(x, want, rtol=1e-8, atol=1e-8)
+
+
+def test_schedule_files_name_any_noise_path(tmp_path) -> None:
+    """`--schedule FILE` for a model from outside: a FlowMatch scheduler config is rectified flow, a stored path
+    dict (e.g. EDM) that path; a file that is neither is refused."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from vrg_lightning.models.external import schedule_from
+
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(tmp_path / "flow")
+    assert schedule_from(tmp_path / "flow" / "scheduler_config.json") == (RectifiedFlow(shift=3.0), None)
+    edm = tmp_path / "edm.json"
+    edm.write_text(json.dumps({"path": "ve", "sigma_min": 0.002, "sigma_max": 80.0, "conditioning": "edm",
+                               "prediction_type": "sample"}))
+    assert schedule_from(edm) == (VEPath(conditioning="edm"), "sample")
+    (tmp_path / "x.json").write_text(json.dumps({"lr": 1}))
+    with pytest.raises(ValueError, match="not a diffusers scheduler config"):
+        schedule_from(tmp_path / "x.json")

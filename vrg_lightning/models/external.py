@@ -52,8 +52,8 @@ def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not JSON, or not a scheduler config (no ``_class_name`` ending in ``Scheduler`` and none of
-            ``beta_schedule``, ``num_train_timesteps``, ``beta_start``, ``beta_end``).
+        ValueError: not JSON, or not a scheduler config (no ``_class_name`` ending in ``Scheduler``, no noise
+            ``path`` and none of ``beta_schedule``, ``num_train_timesteps``, ``beta_start``, ``beta_end``).
     """
     p = Path(path)
     if not p.is_file():
@@ -63,8 +63,8 @@ def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"schedule file {str(p)!r} is not JSON ({exc}); give a diffusers scheduler_config.json or a "
                          f"beta-schedule name ({', '.join(SCHEDULE_NAMES)}).") from exc
-    is_sched = isinstance(cfg, dict) and (str(cfg.get("_class_name", "")).endswith("Scheduler")
-                                          or any(k in cfg for k in _SCHEDULER_KEYS))
+    is_sched = isinstance(cfg, dict) and (str(cfg.get("_class_name", "")).endswith("Scheduler") or "path" in cfg
+                                          or any(k in cfg for k in _SCHEDULER_KEYS))  # "path": a stored noise path
     if not is_sched:
         keys = sorted(cfg)[:8] if isinstance(cfg, dict) else type(cfg).__name__
         raise ValueError(f"schedule file {str(p)!r} is not a diffusers scheduler config (it has no _class_name "
