@@ -106,6 +106,8 @@ def test_vrg_scheduler_loop_on_ve_equals_the_toolkit_sampler(path, pred: str) ->
     ab = make_trajectory(path, "karras", 5)
     sched = VRGScheduler(alpha_bar=ab.tolist(), solver="dpmpp_2m", noise_path=path.to_dict(), prediction_type=pred)
     assert abs(sched.init_noise_sigma - (1 / float(ab[-1])) ** 0.5) < 1e-9  # √(1 + σ_max²)
+    few = VEPath(num_train_timesteps=500)
+    assert len(VRGScheduler(alpha_bar=make_trajectory(few, "karras", 3).tolist(), noise_path=few.to_dict())) == 500
     x_vp = torch.randn(2, 1, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         want = sample("dpmpp_2m", den.eps_fn(), x_vp, ab)

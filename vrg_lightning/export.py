@@ -149,7 +149,7 @@ def write_scheduler(
         FileExistsError: ``out_dir`` is a file, or already holds a scheduler config and ``force`` is False.
         ValueError: an invalid trajectory, solver or prediction type (nothing is written).
     """
-    from .scheduler import VRGScheduler
+    from .scheduler import VRGScheduler, path_kwargs
 
     out = Path(out_dir)
     target = out / VRGScheduler.config_name
@@ -158,8 +158,7 @@ def write_scheduler(
     if target.exists() and not force:
         raise FileExistsError(f"{str(target)!r} exists; choose a new folder or pass force=True to replace it.")
     sched = VRGScheduler(alpha_bar=validate_trajectory(torch.as_tensor(alpha_bar, dtype=torch.float64), "trajectory"),
-                         solver=solver, **(schedule.to_dict() if isinstance(schedule, NoiseSchedule) else
-                                           {"noise_path": schedule.to_dict()}), prediction_type=prediction_type,
+                         solver=solver, **path_kwargs(schedule), prediction_type=prediction_type,
                          source=dict(source) if source else None)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, sched.to_json_string())

@@ -58,8 +58,7 @@ def _build_path(name: str, levels: int, beta_schedule: str | None, beta_start: f
         if shift is not None:
             raise ValueError(f"shift={shift!r} is a rectified-flow setting; the vp_discrete path has none (set "
                              "noise_path: rectified_flow, or drop shift).")
-        return NoiseSchedule(**{"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, **betas},
-                             num_train_timesteps=levels)
+        return NoiseSchedule(**betas, num_train_timesteps=levels)  # unset betas: NoiseSchedule's (diffusers') defaults
     if shift is not None and name != "rectified_flow":
         raise ValueError(f"shift={shift!r} is a rectified-flow setting; the {name} path has none.")
     opts = {"shift": shift} if shift is not None else {}

@@ -29,15 +29,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .schedule import NoisePath, NoiseSchedule
+from .schedule import NoisePath, NoiseSchedule, config_getter
 
 __all__ = ["NOISE_PATHS", "VPContinuous", "VEPath", "RectifiedFlow", "noise_path"]
 
 NOISE_PATHS = ("vp_discrete", "vp_continuous", "ve", "rectified_flow")
-
-
-def _getter(config: Mapping[str, Any] | Any):
-    return config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
 
 
 def _check_levels(n: Any) -> None:
@@ -118,7 +114,7 @@ class VPContinuous(NoisePath):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> VPContinuous:
-        get = _getter(config)
+        get = config_getter(config)
         _reject_betas(get, cls.path)
         return cls(kind=str(get("kind", "linear")), beta_min=float(get("beta_min", 0.1)),
                    beta_max=float(get("beta_max", 20.0)), t_min=get("t_min", None), t_max=get("t_max", None),
@@ -184,7 +180,7 @@ class VEPath(NoisePath):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> VEPath:
-        get = _getter(config)
+        get = config_getter(config)
         _reject_betas(get, cls.path)
         return cls(sigma_min=float(get("sigma_min", 0.002)), sigma_max=float(get("sigma_max", 80.0)),
                    conditioning=str(get("conditioning", "sigma")),
@@ -249,7 +245,7 @@ class RectifiedFlow(NoisePath):
             ValueError: a beta schedule, ``use_dynamic_shifting`` (its shift depends on the image size: give the
                 shift, exp(mu), explicitly), or a bad shift.
         """
-        get = _getter(config)
+        get = config_getter(config)
         _reject_betas(get, cls.path)
         if get("use_dynamic_shifting", False):
             raise ValueError("use_dynamic_shifting=True: the shift depends on the image size (mu); give the shift "

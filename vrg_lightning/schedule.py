@@ -96,6 +96,11 @@ def add_noise(x0: Tensor, noise: Tensor, alpha_bar: Tensor) -> tuple[Tensor, Ten
     return a * x0 + s * noise, a, s
 
 
+def config_getter(config: Mapping[str, Any] | Any):
+    """``get(key, default)`` of a config dict or of an object with attributes (a diffusers ``FrozenDict``/config)."""
+    return config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+
+
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation with linear extrapolation, differentiable in ``x``.
 
@@ -133,7 +138,7 @@ class NoisePath:
     """
 
     path: ClassVar[str] = ""
-    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")  # the first: the default
     strict_range: ClassVar[bool] = False  # the model is undefined outside its levels (a σ range): refuse them
     num_train_timesteps: int
     _REGISTRY: ClassVar[dict[str, type[NoisePath]]] = {}
@@ -156,7 +161,7 @@ class NoisePath:
         ``vp_discrete``); a ``FlowMatchEulerDiscreteScheduler`` config gives ``rectified_flow``."""
         from .paths import NOISE_PATHS  # noqa: F401  (registers the continuous paths)
 
-        get = d.get if isinstance(d, Mapping) else lambda k, default=None: getattr(d, k, default)
+        get = config_getter(d)
         name = get("path", None)
         if name is None:  # a diffusers config: FlowMatch ones have a shift and no betas
             flow = "FlowMatch" in str(get("_class_name", "") or "") or (
@@ -292,7 +297,7 @@ class NoiseSchedule(NoisePath):
 
         ``trained_betas`` is not supported and is rejected with a clear error.
         """
-        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        get = config_getter(config)
         if get("path", "vp_discrete") != "vp_discrete" or "FlowMatch" in str(get("_class_name", "") or ""):
             raise ValueError(f"This config describes the {get('path', None) or 'rectified_flow'} noise path, not a "
                              "discrete beta schedule; build it with NoisePath.from_dict(config).")

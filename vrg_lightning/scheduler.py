@@ -61,6 +61,12 @@ __all__ = ["PREDICTION_TYPES", "VRGScheduler", "VRGSchedulerOutput"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
+def path_kwargs(path: NoisePath) -> dict[str, Any]:
+    """The :class:`VRGScheduler` arguments naming a noise path: diffusers' beta keys for the discrete VP path (its
+    config stays a diffusers scheduler config), else ``noise_path`` (the stored path dict)."""
+    return path.to_dict() if isinstance(path, NoiseSchedule) else {"noise_path": path.to_dict()}
+
+
 @dataclass
 class VRGSchedulerOutput(BaseOutput):
     """``prev_sample``: the next model input (after the last step, the final sample); ``pred_original_sample``: x̂₀."""
@@ -129,8 +135,7 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
             self.schedule = NoiseSchedule.from_config(
                 {"num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule, "beta_start": beta_start,
                  "beta_end": beta_end, "trained_betas": trained_betas})
-        prediction_type = self.schedule.check_prediction_type(
-            prediction_type or ("flow" if self.schedule.path == "rectified_flow" else "epsilon"))
+        prediction_type = self.schedule.check_prediction_type(prediction_type or self.schedule.prediction_types[0])
         self.register_to_config(prediction_type=prediction_type)
         opts = dict(solver_options or {})
         _check_options(solver, opts)
@@ -173,15 +178,13 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
         vrg = read_vrg(path)
         entry = select_entry(vrg, solver, steps, base, objective, lp, guidance_scale=guidance_scale)
         sched = dict(vrg["schedule"])
-        noise = NoisePath.from_dict(sched)
-        kw: dict[str, Any] = ({"noise_path": noise.to_dict()} if not isinstance(noise, NoiseSchedule) else
-                              noise.to_dict())
         validated = entry.get("validated")
         source = {"checkpoint": os.fspath(path) if isinstance(path, (str, os.PathLike)) else None,
                   "steps": int(steps), "base": entry.get("base"), "objective": entry.get("objective"),
                   "lp": entry.get("lp"),
                   "validated": validated.get("selected") if isinstance(validated, Mapping) else None}
-        return cls(alpha_bar=[float(v) for v in entry["alpha_bar"]], solver=solver, **kw,
+        return cls(alpha_bar=[float(v) for v in entry["alpha_bar"]], solver=solver,
+                   **path_kwargs(NoisePath.from_dict(sched)),
                    prediction_type=str(sched.get("prediction_type", "epsilon")), source=source)
 
     # --- the diffusers contract -------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ class VRGScheduler(SchedulerMixin, ConfigMixin):
         return self._levels.clone()
 
     def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return self.schedule.num_train_timesteps
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The sample unchanged (variance preserving: the model takes x_t itself)."""

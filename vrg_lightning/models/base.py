@@ -207,7 +207,7 @@ class EpsModel(nn.Module):
             raise ValueError(f"alpha_bar must be 0-d or of shape [{x.shape[0]}]; got shape {tuple(ab.shape)}.")
         t = self.schedule.alpha_bar_to_t(ab.reshape(-1)).reshape(ab.shape).to(x.device, non_blocking=True)
         c = self.schedule.input_scale(ab)
-        x_in = x if c is None else x * c.reshape((-1,) + (1,) * (x.ndim - 1) if c.ndim else ()).to(x)
+        x_in = x if c is None else x * (c.reshape(-1, *([1] * (x.ndim - 1))) if c.ndim else c).to(x)
         out = check_output(self.model_output(x_in, t, class_labels), x, self.describe())
         return to_epsilon(out, x, ab, self.prediction_type)
 

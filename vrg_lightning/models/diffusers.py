@@ -76,8 +76,8 @@ def load_diffusers_dir(directory: str | os.PathLike, *, schedule: NoisePath | No
     elif schedule is None:
         raise FileNotFoundError(f"No scheduler_config.json in {str(d / 'scheduler')!r} or {str(d)!r}; give the "
                                 "schedule explicitly.")
-    flow = "FlowMatch" in str(cfg.get("_class_name", ""))  # FlowMatch configs name no prediction type: velocity
-    pred = prediction_type or str(cfg.get("prediction_type", "flow" if flow else "epsilon"))
+    schedule = schedule or NoisePath.from_config(cfg)
+    pred = prediction_type or str(cfg.get("prediction_type", schedule.prediction_types[0]))  # FlowMatch: velocity
     if pred not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {pred!r} of {str(d)!r} is not supported for UNet2DModel folders; "
                          f"supported: {', '.join(PREDICTION_TYPES)}.")
@@ -85,7 +85,7 @@ def load_diffusers_dir(directory: str | os.PathLike, *, schedule: NoisePath | No
     if getattr(unet.config, "num_class_embeds", None):
         raise ValueError(f"{str(d)!r} holds a class-conditional UNet (num_class_embeds); only unconditional "
                          "diffusers UNet2DModels are supported.")
-    den = Denoiser(schedule=schedule or NoisePath.from_config(cfg), prediction_type=pred, unet=unet)
+    den = Denoiser(schedule=schedule, prediction_type=pred, unet=unet)
     source = {"diffusers_dir": str(d.resolve())}
     if sched_file is not None:
         source["scheduler_config"] = str(sched_file.resolve())
