@@ -69,9 +69,9 @@ def test_entries_equal_direct_optimisation(profile: ErrorProfile) -> None:
 def test_paper_objective_is_optimised_once(profile: ErrorProfile, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[OptimizeSettings] = []
 
-    def counting(ab, mse, s):
+    def counting(ab, mse, s, **kw):
         calls.append(s)
-        return optimize_trajectory(ab, mse, s)
+        return optimize_trajectory(ab, mse, s, **kw)
 
     monkeypatch.setattr(entries_module, "optimize_trajectory", counting)
     entries = compute_entries(profile, SCHED, GRID)
@@ -134,9 +134,9 @@ def test_entry_cache_reuses_an_unchanged_profile_and_rank_zero_optimises(profile
 
     calls: list[OptimizeSettings] = []
 
-    def counting(ab, mse, s):
+    def counting(ab, mse, s, **kw):
         calls.append(s)
-        return optimize_trajectory(ab, mse, s)
+        return optimize_trajectory(ab, mse, s, **kw)
 
     monkeypatch.setattr(entries_module, "optimize_trajectory", counting)
     grid = GRID.replace(solvers=("ddim",), objectives=("paper",))
@@ -201,9 +201,9 @@ def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budge
 
     real = entries_module.optimize_trajectory
 
-    def slow(ab, mse, s):  # every optimisation takes 50 ms
+    def slow(ab, mse, s, **kw):  # every optimisation takes 50 ms (a sleep the deadline cannot stop)
         t = time.perf_counter()
-        r = real(ab, mse, s)
+        r = real(ab, mse, s, **kw)
         time.sleep(max(0.0, 0.05 - (time.perf_counter() - t)))
         return dataclasses.replace(r, seconds=time.perf_counter() - t)
 
@@ -247,3 +247,39 @@ def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budge
     assert EntryCache().entries(profiles[0], SCHED, grid)[1] and EntryCache(None).budget is None
     with pytest.raises(ValueError, match="budget"):
         EntryCache(budget=2.0)
+
+
+def test_entry_cache_drops_what_its_deadline_stopped_and_retries_it_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budgeted save gives each optimisation the end of its allowance as a deadline; one the deadline stops is
+    not stored (the entry keeps what it held: here none), the pass stops there, the next save starts from it, and
+    its predicted time is raised to twice what it ran; once it completes it is stored as usual."""
+    import time
+    from types import SimpleNamespace
+
+    real, seen, cut = entries_module.optimize_trajectory, [], [True]
+
+    def stopped(ab, mse, s, deadline=None):
+        seen.append((deadline, time.perf_counter()))
+        return real(ab, mse, s, deadline=-float("inf") if cut[0] else deadline)  # a deadline long past: cut at once
+
+    monkeypatch.setattr(entries_module, "optimize_trajectory", stopped)
+    grid = TrajectoryGrid(solvers=("ddim",), steps=(4,), bases=("time_uniform", "logSNR"), lps=(0.01,),
+                          objectives=("paper",), mse_mode="paper")
+    ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
+    prof = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]))
+    cache = EntryCache(budget=0.02)
+    cache.last_end = cache.last_call = time.perf_counter() - 50.0  # a share of 1 s
+    out, fresh = cache.entries(prof, SCHED, grid, SimpleNamespace(global_step=5, world_size=1))
+    assert out == [] and not fresh and not cache.complete and cache.cursor == 0 and len(seen) == 1
+    deadline, called = seen[0]
+    assert deadline is not None and 0 < deadline - called <= 1.0  # the end of the save's share
+    (key,) = cache.floors
+    assert cache.predict(key) >= cache.floors[key] > 0 and cache.results == {}
+    cache.floors[key] = 100.0  # a point that needs more than a save's share waits for one that holds it
+    cache.last_end = cache.last_call = time.perf_counter() - 50.0
+    assert cache.predict(key) == 100.0 and cache.entries(prof, SCHED, grid) == ([], False) and len(seen) == 1
+    cache.floors[key], cut[0] = 0.0, False
+    cache.last_end = cache.last_call = time.perf_counter() - 50.0
+    out, fresh = cache.entries(prof, SCHED, grid, SimpleNamespace(global_step=6, world_size=1))
+    assert fresh and len(out) == 2 and cache.complete and cache.floors == {}
+    assert out[0]["alpha_bar"] == compute_entries(prof, SCHED, grid)[0]["alpha_bar"]  # the same as unbudgeted

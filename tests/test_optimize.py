@@ -499,3 +499,21 @@ def test_solver_objective_never_worse_than_slow_searches(solver: str, mode: str)
     assert r.loss <= best * (1 + 1e-9), (r.loss, best)
     assert r.loss >= best * (1 - 0.05)
     assert r.cpe_after == pytest.approx(float(cpe_solver(r.alpha_bar, mse_paper, solver)), rel=1e-12)
+
+
+def test_a_deadline_stops_the_search_early_and_says_so(mse_paper) -> None:
+    """A deadline already past stops every search at its first check: the result is flagged incomplete, took fewer
+    evaluations than the full search, and is still a valid trajectory no worse than the base (paper and
+    solver-aware objectives); no deadline, or one far off, gives the full result."""
+    import time
+
+    base = make_trajectory(NoiseSchedule(), "time_quadratic", 10)
+    for s in (OptimizeSettings(mse_mode="paper"), OptimizeSettings(mse_mode="paper", objective="solver",
+                                                                   solver="dpmpp_2m")):
+        full = optimize_trajectory(base, mse_paper, s)
+        late = optimize_trajectory(base, mse_paper, s, deadline=time.perf_counter() + 3600.0)
+        cut = optimize_trajectory(base, mse_paper, s, deadline=time.perf_counter())
+        assert full.complete and late.complete and late.loss == full.loss
+        assert not cut.complete and cut.evaluations < full.evaluations
+        assert full.loss <= cut.loss <= cut.loss_before and bool((cut.alpha_bar[1:] < cut.alpha_bar[:-1]).all())
+        assert cut.to_dict()["complete"] is False

@@ -120,6 +120,8 @@ def refine(prob: SearchProblem, y: np.ndarray, f: float, lo: np.ndarray | None =
     floor = resolution * max(1.0, float(np.max(np.abs(prob.vars.coords(y)))))
     passes = 0
     while h > floor and passes < max_passes:
+        if prob.expired():
+            break
         yn = grid_pass(prob, y, h, lo, hi)
         passes += 1
         fn = math.inf if yn is None else prob.loss(yn)

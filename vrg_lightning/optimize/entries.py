@@ -59,13 +59,14 @@ def optimize_cached(
 ) -> OptimizeResult:
     """:func:`~vrg_lightning.optimize.optimize_trajectory`, memoised in ``cache`` under :func:`cache_key`.
 
-    The cache must hold results of one MSE function (a grid's or a tuning run's profile).
+    The cache must hold results of one MSE function (a grid's or a tuning run's profile). A ``deadline`` attribute
+    of the cache (:class:`EntryCache`'s budgeted pass) is passed on to the optimizer.
     """
     if cache is None:
         return optimize_trajectory(base_alpha_bar, mse_fn, settings)
     key = cache_key(base_alpha_bar, settings)
     if key not in cache:
-        cache[key] = optimize_trajectory(base_alpha_bar, mse_fn, settings)
+        cache[key] = optimize_trajectory(base_alpha_bar, mse_fn, settings, deadline=getattr(cache, "deadline", None))
     return cache[key]
 
 
@@ -175,9 +176,12 @@ PRIOR_SECONDS_PER_STEP = {False: 2e-3, True: 4e-2}  # one optimisation's time pe
 class _Slice(dict):
     """What :func:`optimize_cached` sees in one pass of :meth:`EntryCache.entries` over the grid: a result of the
     current profile as it is; a stale or missing one, at a visit from ``start`` on, optimised now while its predicted
-    time (:meth:`EntryCache.predict`) fits in ``allowance`` seconds (``None``: no limit). At the first that does not
-    fit the pass stops optimising (``stop``: the visit the next save continues from, round-robin) and serves the rest
-    as they are: the result of an earlier profile, or ``None`` (the entry left out) where there is none."""
+    time (:meth:`EntryCache.predict`) fits in ``allowance`` seconds (``None``: no limit), with the end of the allowance
+    as its ``deadline``. At the first that does not fit, or that the deadline stops (its result is dropped and its
+    predicted time raised, :meth:`EntryCache.cut`), the pass stops optimising (``stop``: the visit the next save
+    continues from, round-robin) and serves the rest as they are: the result of an earlier profile, or ``None`` (the
+    entry left out) where there is none. So a pass never runs past its allowance by more than one check of the
+    optimizer (tens of milliseconds)."""
 
     def __init__(self, cache: EntryCache, start: int, allowance: float | None, step: int | None) -> None:
         import time
@@ -185,6 +189,7 @@ class _Slice(dict):
         super().__init__()
         self.cache, self.start, self.allowance, self.step = cache, start, allowance, step
         self.visit, self.stop, self.optimised, self.stale, self.t0 = -1, None, 0, 0, time.perf_counter()
+        self.deadline: float | None = None  # read by optimize_cached
         self.steps: list[int | None] = []  # the profile step of each served result, in entry order
         self._held: tuple | None = None
 
@@ -197,6 +202,7 @@ class _Slice(dict):
         if self.stop is None and self.visit >= self.start:
             limit = self.allowance if self.allowance is None or c.optimised else max(self.allowance, c.reserve)
             if limit is None or self.spent() + c.predict(key) <= limit:  # (the first of a save may use the reserve)
+                self.deadline = None if limit is None else self.t0 + limit
                 return False  # optimise it now: optimize_cached stores the result (__setitem__)
             self.stop = self.visit
         self.stale += 1
@@ -209,6 +215,11 @@ class _Slice(dict):
         return time.perf_counter() - self.t0
 
     def __setitem__(self, key: Any, result: OptimizeResult) -> None:
+        if not result.complete:  # the deadline stopped it: keep what was held, continue from here next save
+            self.cache.cut(key, result.seconds)
+            self.stop, self.stale = self.visit, self.stale + 1
+            return
+        self.cache.floors.pop(key, None)
         self.optimised += 1
         self.cache.optimised = True
         self.cache.timed(key, result.seconds)
@@ -274,6 +285,7 @@ class EntryCache:
         self.carry, self.cursor, self.optimised, self.reserve = 0.0, 0, False, 0.0
         self.last_call = -math.inf  # the last call (a save that optimised nothing leaves its share unused)
         self.times: dict[tuple, list[float]] = {}  # (solver-aware, solver, steps) -> [seconds summed, count]
+        self.floors: dict[tuple, float] = {}  # cache_key -> seconds it needs at least (a deadline stopped it)
         self.model_fn: Any = None  # () -> the denoiser, for a gits base
         self.peers: dict = {}  # peer results (GITS per model weights), across profiles
 
@@ -288,10 +300,19 @@ class EntryCache:
         t = self.times.setdefault(self._kind(key), [0.0, 0])
         t[0], t[1] = t[0] + seconds, t[1] + 1
 
+    def cut(self, key: tuple, seconds: float) -> None:
+        """A deadline stopped the optimisation ``key`` after ``seconds``: it is predicted to take at least twice
+        that from now on (it waits for a save whose share, or reserve, holds it; the fit end has no limit)."""
+        self.floors[key] = max(self.floors.get(key, 0.0), 2.0 * seconds)
+
     def predict(self, key: tuple) -> float:
         """Predicted seconds of the optimisation ``key``: the mean time of its kind (the paper objective, or the
         solver-aware one of its solver, else of any solver) at the nearest timed step count, scaled by steps; a kind
-        not timed yet from the other (x 20 for solver-aware) or, before any, :data:`PRIOR_SECONDS_PER_STEP`."""
+        not timed yet from the other (x 20 for solver-aware) or, before any, :data:`PRIOR_SECONDS_PER_STEP`; at least
+        the floor a deadline set (:meth:`cut`)."""
+        return max(self._predict(key), self.floors.get(key, 0.0))
+
+    def _predict(self, key: tuple) -> float:
         aware, solver, n = self._kind(key)
         known = [(m, t / c) for (a, v, m), (t, c) in self.times.items() if a == aware and v == solver]
         if not known:

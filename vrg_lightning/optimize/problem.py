@@ -16,6 +16,7 @@ MSE callable through :func:`numpy_mse`).
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,8 @@ class SearchProblem:
         quad: ``[6, N]`` coefficients of general terms, or ``None`` for the paper's.
         lin, mu, center: the separable part (``None``/0 when absent).
         evals: loss evaluations so far (rows).
+        deadline: a ``time.perf_counter()`` value after which the searches stop early (``None``: no limit);
+            ``cut`` records that one did (:meth:`expired`).
     """
 
     def __init__(self, base_alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings) -> None:
@@ -100,6 +103,15 @@ class SearchProblem:
         self.lin: np.ndarray | None = None
         self.mu, self.center = 0.0, None
         self.evals = 0
+        self.deadline: float | None = None
+        self.cut = False
+
+    def expired(self) -> bool:
+        """Whether the :attr:`deadline` has passed (recorded in :attr:`cut`); the searches check it between their
+        passes and iterations."""
+        if self.deadline is not None and not self.cut and time.perf_counter() >= self.deadline:
+            self.cut = True
+        return self.cut
 
     def separable(self, values: np.ndarray, index: Any = slice(None)) -> np.ndarray | float:
         """``l_i v + μ/2 (v - c_i)²`` of values ``v`` of the variables ``index`` (broadcast along the last axes)."""

@@ -147,7 +147,7 @@ def local_search(prob: SearchProblem, y: np.ndarray, f: float | None = None) -> 
     y, f = smooth(prob, y, f)
     y, f, _ = refine(prob, y, f)
     rounds = 1
-    while rounds < prob.s.max_rounds:
+    while rounds < prob.s.max_rounds and not prob.expired():
         ys, fs = smooth(prob, y, f)
         if not fs < f - prob.s.tol * max(1.0, abs(f)):
             break
@@ -162,7 +162,7 @@ def paper_search(prob: SearchProblem) -> tuple[np.ndarray, float, int]:
     start is first refined coarsely (:data:`SCOUT_PASSES` passes) and searched fully only when it is already better.
     Returns the best ``(y, loss, rounds)``."""
     y, f, rounds = local_search(prob, prob.y0.copy())
-    if prob.s.global_grid > 0:
+    if prob.s.global_grid > 0 and not prob.expired():
         yg = global_start(prob, prob.s.global_grid)
         yg, fg, _ = refine(prob, yg, prob.loss(yg), resolution=SCOUT_RESOLUTION, max_passes=SCOUT_PASSES)
         if fg < f:
@@ -204,7 +204,7 @@ def _valid(ab: Tensor, settings: OptimizeSettings, ab0: Tensor) -> bool:
 
 
 def optimize_trajectory(
-    alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings | None = None
+    alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings | None = None, *, deadline: float | None = None
 ) -> OptimizeResult:
     """Optimize a base trajectory (ᾱ, cleanest first) with the VRG objective; deterministic.
 
@@ -212,6 +212,8 @@ def optimize_trajectory(
         alpha_bar: base trajectory, strictly decreasing inside (0, 1).
         mse_fn: differentiable MSE(ᾱ) (e.g. ``ErrorProfile.mse_function(settings.mse_mode)``).
         settings: :class:`OptimizeSettings` (defaults: lp 0.01, λ 100, paper objective, alpha trust).
+        deadline: a ``time.perf_counter()`` value: the search stops at its next check after it (between passes and
+            iterations, tens of milliseconds at 100 steps) and returns the best point so far with ``complete=False``.
 
     Returns:
         :class:`OptimizeResult`; its loss is never above the base's.
@@ -231,9 +233,10 @@ def optimize_trajectory(
     start = time.perf_counter()
     cpe0, loss0 = trajectory_loss(ab0, ab0, mse_fn, settings)
     prob = SearchProblem(ab0, mse_fn, settings)
+    prob.deadline = deadline
     y, _, rounds = paper_search(prob)
     evals = 0
-    if solver_aware(settings):
+    if solver_aware(settings) and not prob.expired():
         from .surrogate import solver_search
 
         y, _, more, evals = solver_search(prob, [prob.y0, y])
@@ -244,10 +247,11 @@ def optimize_trajectory(
         ab, cpe1, loss1 = ab0.clone(), cpe0, loss0
     return OptimizeResult(alpha_bar=ab, base_alpha_bar=ab0, cpe_before=cpe0, cpe_after=cpe1, loss=loss1,
                           seconds=time.perf_counter() - start, settings=settings, iterations=rounds,
-                          loss_before=loss0, evaluations=prob.evals + evals)
+                          loss_before=loss0, evaluations=prob.evals + evals, complete=not prob.cut)
 
 
-def optimize_with_profile(alpha_bar: Tensor, profile: Any, settings: OptimizeSettings | None = None) -> OptimizeResult:
+def optimize_with_profile(alpha_bar: Tensor, profile: Any, settings: OptimizeSettings | None = None, *,
+                          deadline: float | None = None) -> OptimizeResult:
     """:func:`optimize_trajectory` with ``profile.mse_function(settings.mse_mode)`` as the MSE."""
     settings = settings or OptimizeSettings()
-    return optimize_trajectory(alpha_bar, profile.mse_function(settings.mse_mode), settings)
+    return optimize_trajectory(alpha_bar, profile.mse_function(settings.mse_mode), settings, deadline=deadline)

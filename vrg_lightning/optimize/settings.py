@@ -131,7 +131,9 @@ class OptimizeResult:
     """Result of :func:`optimize_trajectory`.
 
     ``alpha_bar``/``base_alpha_bar`` are float64 tensors, cleanest first; ``cpe_*`` exclude the penalty,
-    ``loss`` includes it; ``seconds`` is the optimizer's wall time; ``iterations`` counts rounds.
+    ``loss`` includes it; ``seconds`` is the optimizer's wall time; ``iterations`` counts rounds; ``complete`` is
+    ``False`` when a ``deadline`` stopped the search early (the result is then the best found by then, still never
+    worse than the base).
     """
 
     alpha_bar: Tensor
@@ -144,6 +146,7 @@ class OptimizeResult:
     iterations: int
     loss_before: float = math.nan
     evaluations: int = 0
+    complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only: lists of floats, numbers, strings, the settings as a dict."""
@@ -157,6 +160,7 @@ class OptimizeResult:
             "seconds": float(self.seconds),
             "iterations": int(self.iterations),
             "evaluations": int(self.evaluations),
+            "complete": bool(self.complete),
             "settings": self.settings.to_dict(),
         }
 

@@ -246,6 +246,8 @@ def solver_search(prob: SearchProblem, starts: list[np.ndarray]) -> tuple[np.nda
     order = np.argsort([exact.value(y) for y in points], kind="stable")
     y, f, iters = descend(exact, points[order[0]])
     for k in order[1:]:
+        if prob.expired():
+            break
         ys, fs, it = descend(exact, points[k], 2 * SCOUT_ITERS, SCOUT_ITERS)
         iters += it
         if fs < f:
@@ -272,7 +274,7 @@ def descend(exact: SolverObjective, y: np.ndarray, max_iters: int | None = None,
     last_chain: np.ndarray | None = None
     null_at: np.ndarray | None = None  # where the weight model last found no step
     scale = float(np.max(prob.hi - prob.lo))
-    while iters < (prob.s.max_rounds if max_iters is None else max_iters) and math.isfinite(f):
+    while iters < (prob.s.max_rounds if max_iters is None else max_iters) and math.isfinite(f) and not prob.expired():
         iters += 1
         lo, hi = prob.lo, prob.hi
         if radius is not None:
