@@ -127,6 +127,7 @@ def test_budgeted_saves_reuse_the_gits_matrix_and_the_fit_end_refreshes_it(model
     with torch.no_grad():
         den.unet.conv_out.bias.add_(0.01)
     cache.last_end -= 1e6
+    cache.last_call -= 1e6
     again, fresh = cache.entries(profiles[1], SCHED, grid)
     assert fresh and len(fast_gits) == 1  # a budgeted save: no second teacher pass for the new weights
     assert again[0]["base_provenance"]["weights_sha256"] == first[0]["base_provenance"]["weights_sha256"]

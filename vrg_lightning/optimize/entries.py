@@ -176,12 +176,13 @@ PRIOR_SECONDS_PER_STEP = {False: 2e-3, True: 4e-2}  # one optimisation's time pe
 class _Slice(dict):
     """What :func:`optimize_cached` sees in one pass of :meth:`EntryCache.entries` over the grid: a result of the
     current profile as it is; a stale or missing one, at a visit from ``start`` on, optimised now while its predicted
-    time (:meth:`EntryCache.predict`) fits in ``allowance`` seconds (``None``: no limit), with the end of the allowance
-    as its ``deadline``. At the first that does not fit, or that the deadline stops (its result is dropped and its
-    predicted time raised, :meth:`EntryCache.cut`), the pass stops optimising (``stop``: the visit the next save
-    continues from, round-robin) and serves the rest as they are: the result of an earlier profile, or ``None`` (the
-    entry left out) where there is none. So a pass never runs past its allowance by more than one check of the
-    optimizer (tens of milliseconds)."""
+    time (:meth:`EntryCache.predict`) fits in what is left of ``allowance`` seconds (``None``: no limit), with the end
+    of the allowance as its ``deadline``. A point predicted to take more than the whole allowance is passed over (it
+    waits for a longer gap between saves, or the fit end). At the first that does not fit what is left, or that the
+    deadline stops (its result is dropped and its predicted time raised, :meth:`EntryCache.cut`), the pass stops
+    optimising (``stop``: the visit the next save continues from, round-robin) and serves the rest as they are: the
+    result of an earlier profile, or ``None`` (the entry left out) where there is none. So a pass never runs past its
+    allowance by more than one check of the optimizer (tens of milliseconds at 100 steps)."""
 
     def __init__(self, cache: EntryCache, start: int, allowance: float | None, step: int | None) -> None:
         import time
@@ -200,11 +201,12 @@ class _Slice(dict):
         if held is not None and held[1] == c.key:
             return True
         if self.stop is None and self.visit >= self.start:
-            limit = self.allowance if self.allowance is None or c.optimised else max(self.allowance, c.reserve)
-            if limit is None or self.spent() + c.predict(key) <= limit:  # (the first of a save may use the reserve)
-                self.deadline = None if limit is None else self.t0 + limit
+            need = None if self.allowance is None else c.predict(key)
+            if need is None or self.spent() + need <= self.allowance:
+                self.deadline = None if self.allowance is None else self.t0 + self.allowance
                 return False  # optimise it now: optimize_cached stores the result (__setitem__)
-            self.stop = self.visit
+            if need <= self.allowance:  # it fits a save of its own: the next one starts with it
+                self.stop = self.visit
         self.stale += 1
         return True
 
@@ -215,13 +217,13 @@ class _Slice(dict):
         return time.perf_counter() - self.t0
 
     def __setitem__(self, key: Any, result: OptimizeResult) -> None:
+        self.cache.optimising += result.seconds
         if not result.complete:  # the deadline stopped it: keep what was held, continue from here next save
             self.cache.cut(key, result.seconds)
             self.stop, self.stale = self.visit, self.stale + 1
             return
         self.cache.floors.pop(key, None)
         self.optimised += 1
-        self.cache.optimised = True
         self.cache.timed(key, result.seconds)
         self._held = self.cache.results[key] = (result, self.cache.key, self.step)
 
@@ -239,9 +241,10 @@ class EntryCache:
     With a ``budget`` (a share of the wall time), a save optimises at most what fits in ``budget`` times the wall
     time since the last save (for the first, since :attr:`last_end`, the start of training as the callback sets it),
     predicted per optimisation from the ones timed so far (:meth:`predict`; before any, from
-    :data:`PRIOR_SECONDS_PER_STEP`). An overspend carries to the next save, time left over does not; only a save's
-    first optimisation may use the share since the last save that optimised (one no single share holds runs when
-    enough time has passed).
+    :data:`PRIOR_SECONDS_PER_STEP`), less the time the last save spent besides optimising (building entries), each
+    optimisation stopped by a deadline at the end of that allowance: no save stalls training for more than its share
+    (plus one check of the optimizer; an overspend carries to the next save, time left over does not). A point that needs more than a whole share waits for a longer gap between saves, or the fit
+    end.
     Stale results are refreshed round-robin over the grid; the others are kept, so an entry may come from an earlier
     profile: its ``profile_step`` key says from which training step (``None`` outside training); :attr:`step` is the
     oldest of them. A grid point never optimised yet is left out until it is. ``force`` (the fit end) or
@@ -282,7 +285,8 @@ class EntryCache:
         self.seconds = 0.0
         self.budget, self.step, self.complete = budget, None, False
         self.last_end = time.perf_counter()  # end of the last save that optimised (the callback: start of training)
-        self.carry, self.cursor, self.optimised, self.reserve = 0.0, 0, False, 0.0
+        self.carry, self.cursor = 0.0, 0
+        self.overhead = self.optimising = 0.0  # a save's time besides optimising (the last one's), and optimising
         self.last_call = -math.inf  # the last call (a save that optimised nothing leaves its share unused)
         self.times: dict[tuple, list[float]] = {}  # (solver-aware, solver, steps) -> [seconds summed, count]
         self.floors: dict[tuple, float] = {}  # cache_key -> seconds it needs at least (a deadline stopped it)
@@ -301,9 +305,10 @@ class EntryCache:
         t[0], t[1] = t[0] + seconds, t[1] + 1
 
     def cut(self, key: tuple, seconds: float) -> None:
-        """A deadline stopped the optimisation ``key`` after ``seconds``: it is predicted to take at least twice
-        that from now on (it waits for a save whose share, or reserve, holds it; the fit end has no limit)."""
-        self.floors[key] = max(self.floors.get(key, 0.0), 2.0 * seconds)
+        """A deadline stopped the optimisation ``key`` after ``seconds``: it is predicted to take at least 1.5 times
+        that from now on: the next save starts with it when that fits its share, and it waits for a longer gap, or
+        the fit end, when not."""
+        self.floors[key] = max(self.floors.get(key, 0.0), 1.5 * seconds)
 
     def predict(self, key: tuple) -> float:
         """Predicted seconds of the optimisation ``key``: the mean time of its kind (the paper objective, or the
@@ -362,9 +367,9 @@ class EntryCache:
             return self.list, False
         if grid != self.grid:
             self.cursor = 0
-        allowance = None if force or self.budget is None else self.carry + self.budget * (start - since)
-        self.reserve = None if allowance is None else self.carry + self.budget * (start - self.last_end)
-        self.optimised = False
+        share = None if force or self.budget is None else self.carry + self.budget * (start - since)
+        allowance = None if share is None else share - self.overhead  # (the rest of the save's work is kept free)
+        self.optimising = 0.0
         world = int(getattr(trainer, "world_size", 1) or 1)
         state = None
         self.key = key
@@ -377,8 +382,9 @@ class EntryCache:
             state = trainer.strategy.broadcast(state, src=0)
         self.list, fresh, self.complete, self.step = state
         self.grid, self.seconds = grid, time.perf_counter() - start
+        self.overhead = max(self.seconds - self.optimising, 0.0)
         self.last_call = time.perf_counter()
         if fresh:  # an overspend carries to the next save; time left over does not (each save keeps to its share)
             self.last_end = self.last_call
-            self.carry = 0.0 if allowance is None else min(allowance - self.seconds, 0.0)
+            self.carry = 0.0 if share is None else min(share - self.seconds, 0.0)
         return self.list, fresh
