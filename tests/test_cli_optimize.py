@@ -90,6 +90,7 @@ def test_table_output(files: dict, capsys: pytest.CaptureFixture) -> None:
      (["--base", "logSNR", "--steps", "5", "--reg-lambda", "-1"], "reg_lambda"),
      (["--base", "logSNR", "--steps", "5", "--solver", "euler"], "solver"),
      (["--base", "logSNR", "--steps", "0"], "steps"),
+     (["--base", "logSNR", "--steps", "5", "--time-limit", "0"], "--time-limit"),
      (["--trajectory", "missing.txt"], "does not exist")],
 )
 def test_errors_are_clear(files: dict, capsys: pytest.CaptureFixture, argv: list, word: str) -> None:
@@ -131,3 +132,23 @@ def test_steps_stay_in_the_trained_range_unless_extrapolation_is_asked(files: di
     assert all(lo <= a <= hi for a in res["alpha_bar"])
     free = run_json(capsys, *argv, "--extrapolate")
     assert free["settings"]["alpha_bar_range"] is None and free["loss"] <= res["loss"]
+
+
+def test_time_limit_keeps_the_best_found_and_says_it_stopped_early(files: dict, capsys: pytest.CaptureFixture,
+                                                                   tmp_path) -> None:
+    """A limit that has passed before the first check stops the search there: the trajectory is still valid and no
+    worse than the base, the JSON says ``complete: false`` and the written file's header says it stopped early; a
+    generous limit changes nothing."""
+    argv = ["--profile", str(files["table"]), "--base", "time_quadratic", "--steps", "8", "--objective", "solver",
+            "--solver", "dpmpp_2m"]
+    full = run_json(capsys, *argv)
+    out = tmp_path / "cut.txt"
+    cut = run_json(capsys, *argv, "--time-limit", "1e-9", "--out", str(out))
+    assert full["complete"] is True and cut["complete"] is False
+    assert full["loss"] <= cut["loss"] <= cut["loss_before"]
+    assert all(a > b for a, b in zip(cut["alpha_bar"], cut["alpha_bar"][1:], strict=False))
+    header = [line for line in out.read_text().splitlines() if line.startswith("#")]
+    assert any("stopped_early" in line and "--time-limit" in line for line in header)
+    assert run_json(capsys, *argv, "--time-limit", "3600")["loss"] == full["loss"]
+    assert main(["optimize", *argv, "--time-limit", "1e-9"]) == 0
+    assert "stopped early by --time-limit" in capsys.readouterr().out

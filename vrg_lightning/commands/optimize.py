@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extrapolate", action="store_true",
                         help="let steps leave the schedule's trained alpha_bar range (the published optimizer has no "
                              "range; the model was never trained there)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="stop the search after about this long and keep the best trajectory found by then "
+                             "(never worse than the base; reported as stopped early)")
     parser.add_argument("--out", metavar="FILE", help="write the optimized trajectory here (atomic)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file (never an input)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -113,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
                               force=args.force, name="--out", force_hint="--force")
 
     check_out()  # before the work, and again just before writing
+    limit = args.time_limit
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"--time-limit must be a positive number of seconds; got {limit!r}.")
     profile = load_profile(args.profile)
     if args.trajectory is not None:
         if args.steps is not None:
@@ -129,13 +137,15 @@ def run(args: argparse.Namespace) -> int:
     span = None if args.extrapolate else schedule_range(_schedule(args, profile))  # the trained range of ᾱ
     settings = OptimizeSettings(lp=args.lp, reg_lambda=args.reg_lambda, objective=args.objective, solver=args.solver,
                                 mse_mode=mse_mode, trust=args.trust, pin_start=args.pin_start, alpha_bar_range=span)
-    result = optimize_trajectory(base, profile.mse_function(mse_mode), settings)
+    deadline = None if limit is None else time.perf_counter() + limit
+    result = optimize_trajectory(base, profile.mse_function(mse_mode), settings, deadline=deadline)
     if args.out is not None:
         check_out()
         header = {"base": source, "profile": Path(args.profile).name, "solver": settings.solver,
                   "objective": settings.objective, "mse_mode": mse_mode, "lp": settings.lp,
                   "reg_lambda": settings.reg_lambda, "trust": settings.trust, "pin_start": settings.pin_start,
-                  "cpe_before": f"{result.cpe_before:.8g}", "cpe_after": f"{result.cpe_after:.8g}"}
+                  "cpe_before": f"{result.cpe_before:.8g}", "cpe_after": f"{result.cpe_after:.8g}",
+                  **({} if result.complete else {"stopped_early": f"--time-limit {limit:g}"})}
         save_trajectory(args.out, result.alpha_bar, header=header)
     if args.json:
         out = {"base": source, "profile": str(args.profile), "steps": int(base.numel()), **result.to_dict()}
@@ -148,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"objective {settings.objective} ({settings.solver}), lp {settings.lp:g}, "
           f"reg-lambda {settings.reg_lambda:g}, trust {settings.trust}{', start pinned' if settings.pin_start else ''}")
     print(f"cpe {result.cpe_before:.6f} -> {result.cpe_after:.6f} ({change:+.2f}%), loss {result.loss:.6f}, "
-          f"{result.seconds:.3f} s")
+          f"{result.seconds:.3f} s" + ("" if result.complete else f" (stopped early by --time-limit {limit:g}: the "
+                                       "best trajectory found by then)"))
     print(f"{'step':>4}  {'base alpha_bar':>16}  {'vrg alpha_bar':>16}")
     for i, (a, b) in enumerate(zip(result.base_alpha_bar.tolist(), result.alpha_bar.tolist(), strict=True)):
         print(f"{i:4d}  {a:16.10f}  {b:16.10f}")
