@@ -278,7 +278,7 @@ def test_entry_cache_drops_what_its_deadline_stopped_and_retries_it_first(monkey
     out, fresh = cache.entries(prof, SCHED, grid, SimpleNamespace(global_step=5, world_size=1))
     assert out == [] and not fresh and not cache.complete and cache.cursor == 0 and len(seen) == 1
     deadline, called = seen[0]
-    assert deadline is not None and 0 < deadline - called <= 0.6  # the end of the save's share, less that
+    assert deadline is not None and 0 < deadline - called <= 1.0 - 1.5 * 0.4  # the end of the share, less that
     assert 0 <= cache.overhead < cache.seconds  # measured again
     (key,) = cache.floors
     assert cache.predict(key) >= cache.floors[key] > 0 and cache.results == {}

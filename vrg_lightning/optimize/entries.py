@@ -169,6 +169,9 @@ def profile_key(profile: Any) -> tuple:
     return profile.source, int(profile.moments), h.hexdigest()
 
 
+OVERHEAD_MARGIN = 1.5  # a save holds back this many times the last one's time besides optimising (its variation and
+# the optimizer's check interval: the deadline is met to within milliseconds)
+FIRST_HELD = 0.1  # the share of the first save held back for that work (nothing measured yet)
 PRIOR_SECONDS_PER_STEP = {False: 2e-3, True: 4e-2}  # one optimisation's time per step before any was timed
 # (paper, solver-aware objective), a first guess for the budget of the first save; measured times replace it
 
@@ -241,10 +244,11 @@ class EntryCache:
     With a ``budget`` (a share of the wall time), a save optimises at most what fits in ``budget`` times the wall
     time since the last save (for the first, since :attr:`last_end`, the start of training as the callback sets it),
     predicted per optimisation from the ones timed so far (:meth:`predict`; before any, from
-    :data:`PRIOR_SECONDS_PER_STEP`), less the time the last save spent besides optimising (building entries), each
-    optimisation stopped by a deadline at the end of that allowance: no save stalls training for more than its share
-    (plus one check of the optimizer; an overspend carries to the next save, time left over does not). A point that needs more than a whole share waits for a longer gap between saves, or the fit
-    end.
+    :data:`PRIOR_SECONDS_PER_STEP`), less :data:`OVERHEAD_MARGIN` times what the last save spent besides optimising
+    (building entries; at the first, :data:`FIRST_HELD` of its share); a deadline at the end of that allowance stops an optimisation that runs longer than
+    predicted. So no save stalls training for more than its share (an overspend of milliseconds carries to the next
+    save, time left over does not). A point that needs more than a whole share waits for a longer gap between saves,
+    or the fit end.
     Stale results are refreshed round-robin over the grid; the others are kept, so an entry may come from an earlier
     profile: its ``profile_step`` key says from which training step (``None`` outside training); :attr:`step` is the
     oldest of them. A grid point never optimised yet is left out until it is. ``force`` (the fit end) or
@@ -286,7 +290,8 @@ class EntryCache:
         self.budget, self.step, self.complete = budget, None, False
         self.last_end = time.perf_counter()  # end of the last save that optimised (the callback: start of training)
         self.carry, self.cursor = 0.0, 0
-        self.overhead = self.optimising = 0.0  # a save's time besides optimising (the last one's), and optimising
+        self.overhead: float | None = None  # the last save's time besides optimising (None before one)
+        self.optimising = 0.0  # the current save's time optimising
         self.last_call = -math.inf  # the last call (a save that optimised nothing leaves its share unused)
         self.times: dict[tuple, list[float]] = {}  # (solver-aware, solver, steps) -> [seconds summed, count]
         self.floors: dict[tuple, float] = {}  # cache_key -> seconds it needs at least (a deadline stopped it)
@@ -368,7 +373,8 @@ class EntryCache:
         if grid != self.grid:
             self.cursor = 0
         share = None if force or self.budget is None else self.carry + self.budget * (start - since)
-        allowance = None if share is None else share - self.overhead  # (the rest of the save's work is kept free)
+        held = FIRST_HELD * (share or 0.0) if self.overhead is None else OVERHEAD_MARGIN * self.overhead
+        allowance = None if share is None else share - held  # (for the save's other work)
         self.optimising = 0.0
         world = int(getattr(trainer, "world_size", 1) or 1)
         state = None

@@ -27,7 +27,7 @@ from ..variance import MSEFn, NumpyMSEFn, cpe_paper_numpy
 from .settings import OptimizeSettings
 from .variables import Variables
 
-__all__ = ["SearchProblem", "numpy_mse", "paper_quad"]
+__all__ = ["Deadline", "SearchProblem", "numpy_mse", "paper_quad"]
 
 
 def numpy_mse(mse_fn: MSEFn) -> NumpyMSEFn:
@@ -73,6 +73,25 @@ def pair_terms(quad: np.ndarray, idx: Any, s_prev: np.ndarray, s: np.ndarray) ->
     return a + 2 * b * s_prev + 2 * c * s + d * s_prev * s_prev + 2 * e * s_prev * s + f * s * s
 
 
+class Deadline:
+    """A ``time.perf_counter()`` value after which the searches stop early (``None``: never), shared by a problem
+    and the models built from it; :attr:`cut` records that it stopped one.
+
+    Example:
+        >>> Deadline().expired(), Deadline(-math.inf).expired()
+        (False, True)
+    """
+
+    def __init__(self, at: float | None = None) -> None:
+        self.at, self.cut = at, False
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed (and so :attr:`cut` is set); checked between passes and iterations."""
+        if self.at is not None and not self.cut and time.perf_counter() >= self.at:
+            self.cut = True
+        return self.cut
+
+
 class SearchProblem:
     """The chain loss of a base trajectory in the variables of ``settings`` (module docstring).
 
@@ -86,8 +105,7 @@ class SearchProblem:
         quad: ``[6, N]`` coefficients of general terms, or ``None`` for the paper's.
         lin, mu, center: the separable part (``None``/0 when absent).
         evals: loss evaluations so far (rows).
-        deadline: a ``time.perf_counter()`` value after which the searches stop early (``None``: no limit);
-            ``cut`` records that one did (:meth:`expired`).
+        deadline: the :class:`Deadline` of the searches (shared with the models built from the problem).
     """
 
     def __init__(self, base_alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings) -> None:
@@ -103,15 +121,11 @@ class SearchProblem:
         self.lin: np.ndarray | None = None
         self.mu, self.center = 0.0, None
         self.evals = 0
-        self.deadline: float | None = None
-        self.cut = False
+        self.deadline = Deadline()
 
     def expired(self) -> bool:
-        """Whether the :attr:`deadline` has passed (recorded in :attr:`cut`); the searches check it between their
-        passes and iterations."""
-        if self.deadline is not None and not self.cut and time.perf_counter() >= self.deadline:
-            self.cut = True
-        return self.cut
+        """Whether the :attr:`deadline` has passed (:meth:`Deadline.expired`)."""
+        return self.deadline.expired()
 
     def separable(self, values: np.ndarray, index: Any = slice(None)) -> np.ndarray | float:
         """``l_i v + μ/2 (v - c_i)²`` of values ``v`` of the variables ``index`` (broadcast along the last axes)."""

@@ -40,7 +40,7 @@ from torch import Tensor
 from ..trajectories import validate_trajectory
 from ..variance import DDIM_LIKE, MSEFn, cpe_paper, cpe_solver
 from .chain import global_start, refine
-from .problem import SearchProblem
+from .problem import Deadline, SearchProblem
 from .settings import MSE_MODES, TRUSTS, OptimizeResult, OptimizeSettings
 from .variables import trust_bounds
 
@@ -97,9 +97,21 @@ def smooth(prob: SearchProblem, y: np.ndarray, f: float, lo: np.ndarray | None =
     if prob.alpha and prob.pinned:
         x = _spg(prob, y, lo, hi)
     else:
-        r = minimize(prob.value_and_grad, y, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi, strict=True)),
-                     options={"maxiter": 2000, "maxcor": 10, "ftol": ftol, "gtol": 1e-14})
-        x = np.clip(prob.feasible(r.x), lo, hi)
+        best = [y]
+
+        def stop_when_expired(xk: np.ndarray) -> None:
+            best[0] = np.array(xk, dtype=float)
+            if prob.expired():
+                raise StopIteration
+
+        try:
+            r = minimize(prob.value_and_grad, y, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi, strict=True)),
+                         callback=stop_when_expired,
+                         options={"maxiter": 2000, "maxcor": 10, "ftol": ftol, "gtol": 1e-14})
+            best[0] = r.x
+        except StopIteration:  # (scipy < 1.11 lets it out)
+            pass
+        x = np.clip(prob.feasible(best[0]), lo, hi)
     fx = prob.loss(x)
     return (x, fx) if fx < f else (y, f)
 
@@ -116,6 +128,8 @@ def _spg(prob: SearchProblem, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, ite
     f, g = prob.value_and_grad(y)
     step, hist = 1.0 / max(float(np.abs(g).max()), 1e-300), [f]
     for _ in range(iters):
+        if prob.expired():
+            break
         d = project(y - step * g) - y
         if float(np.abs(d).max()) <= 1e-15:
             break
@@ -233,7 +247,7 @@ def optimize_trajectory(
     start = time.perf_counter()
     cpe0, loss0 = trajectory_loss(ab0, ab0, mse_fn, settings)
     prob = SearchProblem(ab0, mse_fn, settings)
-    prob.deadline = deadline
+    prob.deadline = Deadline(deadline)
     y, _, rounds = paper_search(prob)
     evals = 0
     if solver_aware(settings) and not prob.expired():
@@ -247,7 +261,7 @@ def optimize_trajectory(
         ab, cpe1, loss1 = ab0.clone(), cpe0, loss0
     return OptimizeResult(alpha_bar=ab, base_alpha_bar=ab0, cpe_before=cpe0, cpe_after=cpe1, loss=loss1,
                           seconds=time.perf_counter() - start, settings=settings, iterations=rounds,
-                          loss_before=loss0, evaluations=prob.evals + evals, complete=not prob.cut)
+                          loss_before=loss0, evaluations=prob.evals + evals, complete=not prob.deadline.cut)
 
 
 def optimize_with_profile(alpha_bar: Tensor, profile: Any, settings: OptimizeSettings | None = None, *,

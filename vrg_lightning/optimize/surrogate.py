@@ -125,6 +125,7 @@ class SolverObjective:
         np.add.at(r, step[on], w[on] ** 2)
         s = np.sqrt((1 - ab) / ab)
         model = SearchProblem(p.ab0, p.mse_fn, p.s)
+        model.deadline = p.deadline
         model.quad = paper_quad(p.n, r / np.diff(s, prepend=0.0) ** 2)
         model.lin, model.center = None, y.copy()
         model.lin = g - model.value_and_grad(y)[1]
@@ -191,6 +192,7 @@ class SolverObjective:
         ab = p.vars.alpha_bar_np(y[None])[0]
         step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
         model = WeightModel(p, w, jac, y.copy(), step, ab[step] == levels, levels, jac_levels)
+        model.deadline = p.deadline
         model.lin = g - model.value_and_grad(y)[1]
         return model
 
