@@ -194,8 +194,7 @@ def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budge
     """With a budget, a save optimises only what its predicted time lets fit in budget x the time since the last
     optimising save (nothing at a save right after the start: the first save never blows the budget); the stale
     entries are refreshed round-robin (wrapping around the grid), the others kept with the training step of their
-    profile (``profile_step``; ``step`` the oldest); a point that needs more than a whole save's share waits while
-    the others are refreshed; the fit end (``force``) optimises every stale point."""
+    profile (``profile_step``; ``step`` the oldest); the fit end (``force``) optimises every stale point."""
     import dataclasses
     import time
     from types import SimpleNamespace
@@ -239,55 +238,93 @@ def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budge
     assert cache.carry == pytest.approx(0.02 - cache.seconds, abs=1e-3)
     cache.last_end = cache.last_call = time.perf_counter() - 1.0  # the overspend is paid back from the next share
     assert cache.entries(profiles[2], SCHED, grid, SimpleNamespace(global_step=41, world_size=1))[1] is False
-    big = EntryCache(budget=0.02)
-    big.entries(profiles[0], SCHED, grid, SimpleNamespace(global_step=1, world_size=1), force=True)
-    first_key = next(iter(big.results))
-    big.floors[first_key] = 0.3  # one optimisation predicted at 0.3 s: more than a save's whole share (0.24 s)
-    big.last_end = big.last_call = time.perf_counter() - 12.0
-    passed_over = [e["profile_step"] for e in big.entries(profiles[1], SCHED, grid, SimpleNamespace(
-        global_step=7, world_size=1))[0]]
-    assert passed_over == [1, 7, 7, 7, 7, 1] and big.cursor == 5  # it waits; the others are refreshed (4 x 50 ms)
-    assert big.seconds < 0.24 + 0.05 and big.entries(profiles[1], SCHED, grid, force=True)[1]  # the fit end: it too
     assert EntryCache().entries(profiles[0], SCHED, grid)[1] and EntryCache(None).budget is None
     with pytest.raises(ValueError, match="budget"):
         EntryCache(budget=2.0)
 
 
-def test_entry_cache_drops_what_its_deadline_stopped_and_retries_it_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A budgeted save gives each optimisation the end of its allowance as a deadline; one the deadline stops is
-    not stored (the entry keeps what it held: here none), the pass stops there, the next save starts from it, and
-    its predicted time is raised; while that exceeds a save's share the others go on without it; once it completes
-    it is stored as usual."""
+def test_entry_cache_resumes_what_its_deadline_stopped_over_several_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each optimisation of a budgeted save gets the end of the save's allowance (its share, less what the last save
+    spent besides optimising) as deadline. One the deadline stops is not stored (the entry keeps what it held), the
+    pass stops there and the next save resumes it from its best point; so optimisations longer than a whole share
+    finish over several saves while no save runs past its share. After MAX_RESUMES stopped tries in a row a point
+    is passed over (the others go on; the fit end does it)."""
+    import dataclasses
     import time
     from types import SimpleNamespace
 
-    real, seen, cut = entries_module.optimize_trajectory, [], [True]
+    from vrg_lightning.optimize.entries import MAX_RESUMES
 
-    def stopped(ab, mse, s, deadline=None):
-        seen.append((deadline, time.perf_counter()))
-        return real(ab, mse, s, deadline=-float("inf") if cut[0] else deadline)  # a deadline long past: cut at once
+    real, work, done, calls = entries_module.optimize_trajectory, 0.15, {}, []
 
-    monkeypatch.setattr(entries_module, "optimize_trajectory", stopped)
+    def long(ab, mse, s, deadline=None, resume=None):  # 0.15 s of work per point, interruptible, resumable
+        key = (float(ab[0]), s.lp)
+        t0 = time.perf_counter()
+        calls.append((deadline, t0, resume is not None))
+        left = work - done.get(key, 0.0)
+        stop = t0 + left if deadline is None else min(t0 + left, deadline)
+        time.sleep(max(0.0, stop - t0))
+        done[key] = done.get(key, 0.0) + time.perf_counter() - t0
+        r = real(ab, mse, s)
+        complete = done[key] >= work - 1e-3
+        if complete:
+            done.pop(key)
+        return dataclasses.replace(r, seconds=time.perf_counter() - t0, complete=complete)
+
+    monkeypatch.setattr(entries_module, "optimize_trajectory", long)
     grid = TrajectoryGrid(solvers=("ddim",), steps=(4,), bases=("time_uniform", "logSNR"), lps=(0.01,),
                           objectives=("paper",), mse_mode="paper")
     ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
     prof = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]))
     cache = EntryCache(budget=0.02)
-    cache.last_end = cache.last_call = time.perf_counter() - 50.0  # a share of 1 s
-    cache.overhead = 0.4  # the last save's time besides optimising: kept free of optimisations
-    out, fresh = cache.entries(prof, SCHED, grid, SimpleNamespace(global_step=5, world_size=1))
-    assert out == [] and not fresh and not cache.complete and cache.cursor == 0 and len(seen) == 1
-    deadline, called = seen[0]
-    assert deadline is not None and 0 < deadline - called <= 1.0 - 1.5 * 0.4  # the end of the share, less that
-    assert 0 <= cache.overhead < cache.seconds  # measured again
-    (key,) = cache.floors
-    assert cache.predict(key) >= cache.floors[key] > 0 and cache.results == {}
-    cache.floors[key], cut[0] = 100.0, False  # a point that needs more than a save's share waits for one that holds it
-    cache.last_end = cache.last_call = time.perf_counter() - 50.0
-    out, fresh = cache.entries(prof, SCHED, grid)
-    assert cache.predict(key) == 100.0 and fresh and len(out) == 1 and out[0]["base"] == "logSNR" and len(seen) == 2
-    cache.floors[key] = 0.0
-    cache.last_end = cache.last_call = time.perf_counter() - 50.0
-    out, fresh = cache.entries(prof, SCHED, grid, SimpleNamespace(global_step=6, world_size=1))
-    assert fresh and len(out) == 2 and cache.complete and cache.floors == {}
-    assert out[0]["alpha_bar"] == compute_entries(prof, SCHED, grid)[0]["alpha_bar"]  # the same as unbudgeted
+    cache.overhead = 0.0
+
+    def save(step: int):  # 5 s of training since the last save: a share of 0.1 s
+        cache.last_end = cache.last_call = time.perf_counter() - 5.0
+        out, _ = cache.entries(prof, SCHED, grid, SimpleNamespace(global_step=step, world_size=1))
+        assert cache.seconds < 0.1 + 0.03  # never past its share (by more than the stub's own work)
+        return [e["base"] for e in out]
+
+    assert save(1) == [] and len(calls) == 1 and calls[0][0] - calls[0][1] <= 0.1  # tried first, stopped
+    (key,) = cache.partial
+    assert cache.partial[key][1] == 1 and cache.cursor == 0 and cache.results == {}
+    assert save(2) == ["time_uniform"] and calls[1][2] and cache.partial == {}  # resumed, finished
+    assert cache.predict(key) == pytest.approx(work, rel=0.2)  # timed over both tries
+    assert save(3) == ["time_uniform"] and len(cache.partial) == 1  # the other: tried, stopped
+    assert save(4) == ["time_uniform", "logSNR"] and cache.complete
+    prof2 = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]) * 2)  # a new profile: both stale
+    cache.partial = {k: (ab, MAX_RESUMES, 0.0) for k in list(cache.results)[:1]}  # the first has used its tries
+    cache.last_end = cache.last_call = time.perf_counter() - 5.0
+    n = len(calls)
+    cache.entries(prof2, SCHED, grid)
+    assert len(calls) == n + 1 and not calls[-1][2]  # passed over: only the second was tried
+
+
+def test_a_budgeted_save_fills_its_share_with_points_that_fit_and_starts_the_next_at_the_first_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A point that does not fit what is left of the share (but would fit a whole one) is where the next save starts;
+    later points that fit what is left are optimised meanwhile."""
+    import dataclasses
+    import time
+    from types import SimpleNamespace
+
+    real = entries_module.optimize_trajectory
+
+    def timed(ab, mse, s, deadline=None, resume=None):  # solver-aware 60 ms, paper 10 ms
+        t0 = time.perf_counter()
+        r = real(ab, mse, s)
+        time.sleep(max(0.0, (0.06 if s.objective == "solver" else 0.01) - (time.perf_counter() - t0)))
+        return dataclasses.replace(r, seconds=time.perf_counter() - t0)
+
+    monkeypatch.setattr(entries_module, "optimize_trajectory", timed)
+    grid = TrajectoryGrid(solvers=("dpmpp_2m",), steps=(4,), bases=("time_uniform", "logSNR"), lps=(0.05,),
+                          objectives=("solver", "paper"), mse_mode="paper")
+    ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
+    prof = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]))
+    cache = EntryCache(budget=0.02)
+    cache.overhead, cache.times = 0.0, {(True, "dpmpp_2m", 4): [0.06, 1], (False, None, 4): [0.01, 1]}
+    cache.last_end = cache.last_call = time.perf_counter() - 5.0  # a share of 0.1 s
+    out, fresh = cache.entries(prof, SCHED, grid, SimpleNamespace(global_step=1, world_size=1))
+    got = [(e["base"], e["objective"]) for e in out]
+    assert fresh and got == [("time_uniform", "solver"), ("time_uniform", "paper"), ("logSNR", "paper")]
+    assert cache.cursor == 2 and cache.seconds < 0.1 + 0.03  # the logSNR solver-aware point is next

@@ -517,3 +517,7 @@ def test_a_deadline_stops_the_search_early_and_says_so(mse_paper) -> None:
         assert not cut.complete and cut.evaluations < full.evaluations
         assert full.loss <= cut.loss <= cut.loss_before and bool((cut.alpha_bar[1:] < cut.alpha_bar[:-1]).all())
         assert cut.to_dict()["complete"] is False
+        resumed = optimize_trajectory(base, mse_paper, s, resume=cut.alpha_bar)  # continues from the cut's best
+        assert resumed.complete and resumed.loss <= cut.loss and resumed.loss == pytest.approx(full.loss, rel=1e-6)
+    with pytest.raises(ValueError, match="resume"):
+        optimize_trajectory(base, mse_paper, s, resume=base[:-1])

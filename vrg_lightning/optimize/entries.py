@@ -59,14 +59,16 @@ def optimize_cached(
 ) -> OptimizeResult:
     """:func:`~vrg_lightning.optimize.optimize_trajectory`, memoised in ``cache`` under :func:`cache_key`.
 
-    The cache must hold results of one MSE function (a grid's or a tuning run's profile). A ``deadline`` attribute
-    of the cache (:class:`EntryCache`'s budgeted pass) is passed on to the optimizer.
+    The cache must hold results of one MSE function (a grid's or a tuning run's profile). A cache with an
+    ``optimize_kwargs(key)`` method (:class:`EntryCache`'s budgeted pass) adds the optimizer's ``deadline`` and
+    ``resume`` point.
     """
     if cache is None:
         return optimize_trajectory(base_alpha_bar, mse_fn, settings)
     key = cache_key(base_alpha_bar, settings)
     if key not in cache:
-        cache[key] = optimize_trajectory(base_alpha_bar, mse_fn, settings, deadline=getattr(cache, "deadline", None))
+        extra = cache.optimize_kwargs(key) if hasattr(cache, "optimize_kwargs") else {}
+        cache[key] = optimize_trajectory(base_alpha_bar, mse_fn, settings, **extra)
     return cache[key]
 
 
@@ -172,20 +174,24 @@ def profile_key(profile: Any) -> tuple:
 OVERHEAD_MARGIN = 1.5  # a save holds back this many times the last one's time besides optimising (its variation and
 # the optimizer's check interval: the deadline is met to within milliseconds)
 FIRST_HELD = 0.1  # the share of the first save held back for that work (nothing measured yet)
+MAX_RESUMES = 4  # tries deadlines may stop in a row before a point waits for a longer gap or the fit end
 PRIOR_SECONDS_PER_STEP = {False: 2e-3, True: 4e-2}  # one optimisation's time per step before any was timed
 # (paper, solver-aware objective), a first guess for the budget of the first save; measured times replace it
 
 
 class _Slice(dict):
     """What :func:`optimize_cached` sees in one pass of :meth:`EntryCache.entries` over the grid: a result of the
-    current profile as it is; a stale or missing one, at a visit from ``start`` on, optimised now while its predicted
+    current profile as it is; a stale or missing one, at a visit from ``start`` on, optimised now when its predicted
     time (:meth:`EntryCache.predict`) fits in what is left of ``allowance`` seconds (``None``: no limit), with the end
-    of the allowance as its ``deadline``. A point predicted to take more than the whole allowance is passed over (it
-    waits for a longer gap between saves, or the fit end). At the first that does not fit what is left, or that the
-    deadline stops (its result is dropped and its predicted time raised, :meth:`EntryCache.cut`), the pass stops
-    optimising (``stop``: the visit the next save continues from, round-robin) and serves the rest as they are: the
-    result of an earlier profile, or ``None`` (the entry left out) where there is none. So a pass never runs past its
-    allowance by more than one check of the optimizer (tens of milliseconds at 100 steps)."""
+    of the allowance as its ``deadline``; the first a pass tries runs whatever its prediction while some allowance is
+    left, unless deadlines have stopped it :data:`MAX_RESUMES` times in a row. One the deadline stops is not stored
+    (the entry keeps what it held) and its best point so far is kept: the next try resumes from it
+    (:attr:`EntryCache.partial`); the pass optimises nothing after it. ``stop`` is the first visit left for the next
+    save (round-robin): the first that did not fit what was left but would fit a whole allowance, or that the
+    deadline stopped; one that would not fit a whole allowance (or has used its resumptions) is passed over (it waits
+    for a longer gap between saves, or the fit end). Points not optimised are served as they are: the result of an
+    earlier profile, or ``None`` (the entry left out) where there is none. So a pass never runs past its allowance by
+    more than one check of the optimizer (milliseconds)."""
 
     def __init__(self, cache: EntryCache, start: int, allowance: float | None, step: int | None) -> None:
         import time
@@ -193,7 +199,8 @@ class _Slice(dict):
         super().__init__()
         self.cache, self.start, self.allowance, self.step = cache, start, allowance, step
         self.visit, self.stop, self.optimised, self.stale, self.t0 = -1, None, 0, 0, time.perf_counter()
-        self.deadline: float | None = None  # read by optimize_cached
+        self.deadline: float | None = None
+        self.tried = self.out = False  # whether this pass has started an optimisation; a deadline has stopped one
         self.steps: list[int | None] = []  # the profile step of each served result, in entry order
         self._held: tuple | None = None
 
@@ -203,15 +210,24 @@ class _Slice(dict):
         self._held = held
         if held is not None and held[1] == c.key:
             return True
-        if self.stop is None and self.visit >= self.start:
-            need = None if self.allowance is None else c.predict(key)
-            if need is None or self.spent() + need <= self.allowance:
-                self.deadline = None if self.allowance is None else self.t0 + self.allowance
+        if not self.out and self.visit >= self.start:
+            if self.allowance is None:
+                self.deadline = None
                 return False  # optimise it now: optimize_cached stores the result (__setitem__)
-            if need <= self.allowance:  # it fits a save of its own: the next one starts with it
+            need, cuts = c.predict(key), c.partial.get(key, (None, 0, 0.0))[1]
+            first = not self.tried and cuts < MAX_RESUMES and self.allowance > self.spent()
+            if self.spent() + need <= self.allowance or first:
+                self.deadline, self.tried = self.t0 + self.allowance, True
+                return False
+            if self.stop is None and need <= self.allowance and cuts < MAX_RESUMES:  # the next save starts here
                 self.stop = self.visit
         self.stale += 1
         return True
+
+    def optimize_kwargs(self, key: Any) -> dict[str, Any]:
+        """The optimizer's ``deadline`` and ``resume`` point (the best point of a try a deadline stopped)."""
+        partial = self.cache.partial.get(key)
+        return {"deadline": self.deadline, "resume": None if partial is None else partial[0]}
 
     def spent(self) -> float:
         """Wall seconds since the pass began (optimisations and the building of entries)."""
@@ -221,13 +237,14 @@ class _Slice(dict):
 
     def __setitem__(self, key: Any, result: OptimizeResult) -> None:
         self.cache.optimising += result.seconds
-        if not result.complete:  # the deadline stopped it: keep what was held, continue from here next save
-            self.cache.cut(key, result.seconds)
-            self.stop, self.stale = self.visit, self.stale + 1
+        _, cuts, before = self.cache.partial.pop(key, (None, 0, 0.0))
+        if not result.complete:  # the deadline stopped it: keep what was held, resume from its best next time
+            self.cache.partial[key] = (result.alpha_bar, cuts + 1, before + result.seconds)
+            self.stop = self.visit if self.stop is None else self.stop
+            self.stale, self.out = self.stale + 1, True
             return
-        self.cache.floors.pop(key, None)
         self.optimised += 1
-        self.cache.timed(key, result.seconds)
+        self.cache.timed(key, before + result.seconds)
         self._held = self.cache.results[key] = (result, self.cache.key, self.step)
 
     def __getitem__(self, key: Any) -> OptimizeResult | None:
@@ -245,10 +262,10 @@ class EntryCache:
     time since the last save (for the first, since :attr:`last_end`, the start of training as the callback sets it),
     predicted per optimisation from the ones timed so far (:meth:`predict`; before any, from
     :data:`PRIOR_SECONDS_PER_STEP`), less :data:`OVERHEAD_MARGIN` times what the last save spent besides optimising
-    (building entries; at the first, :data:`FIRST_HELD` of its share); a deadline at the end of that allowance stops an optimisation that runs longer than
-    predicted. So no save stalls training for more than its share (an overspend of milliseconds carries to the next
-    save, time left over does not). A point that needs more than a whole share waits for a longer gap between saves,
-    or the fit end.
+    (building entries; at the first, :data:`FIRST_HELD` of its share). A deadline at the end of that allowance stops
+    an optimisation that runs longer than predicted, and a later save resumes it from its best point, so no save
+    stalls training for more than its share (an overspend of milliseconds carries to the next save, time left over
+    does not) and long optimisations still finish, over several saves (:class:`_Slice`).
     Stale results are refreshed round-robin over the grid; the others are kept, so an entry may come from an earlier
     profile: its ``profile_step`` key says from which training step (``None`` outside training); :attr:`step` is the
     oldest of them. A grid point never optimised yet is left out until it is. ``force`` (the fit end) or
@@ -294,7 +311,8 @@ class EntryCache:
         self.optimising = 0.0  # the current save's time optimising
         self.last_call = -math.inf  # the last call (a save that optimised nothing leaves its share unused)
         self.times: dict[tuple, list[float]] = {}  # (solver-aware, solver, steps) -> [seconds summed, count]
-        self.floors: dict[tuple, float] = {}  # cache_key -> seconds it needs at least (a deadline stopped it)
+        self.partial: dict[tuple, tuple] = {}  # cache_key -> (best trajectory, tries stopped in a row, seconds) of
+        # an optimisation deadlines stopped
         self.model_fn: Any = None  # () -> the denoiser, for a gits base
         self.peers: dict = {}  # peer results (GITS per model weights), across profiles
 
@@ -309,20 +327,10 @@ class EntryCache:
         t = self.times.setdefault(self._kind(key), [0.0, 0])
         t[0], t[1] = t[0] + seconds, t[1] + 1
 
-    def cut(self, key: tuple, seconds: float) -> None:
-        """A deadline stopped the optimisation ``key`` after ``seconds``: it is predicted to take at least 1.5 times
-        that from now on: the next save starts with it when that fits its share, and it waits for a longer gap, or
-        the fit end, when not."""
-        self.floors[key] = max(self.floors.get(key, 0.0), 1.5 * seconds)
-
     def predict(self, key: tuple) -> float:
         """Predicted seconds of the optimisation ``key``: the mean time of its kind (the paper objective, or the
         solver-aware one of its solver, else of any solver) at the nearest timed step count, scaled by steps; a kind
-        not timed yet from the other (x 20 for solver-aware) or, before any, :data:`PRIOR_SECONDS_PER_STEP`; at least
-        the floor a deadline set (:meth:`cut`)."""
-        return max(self._predict(key), self.floors.get(key, 0.0))
-
-    def _predict(self, key: tuple) -> float:
+        not timed yet from the other (x 20 for solver-aware) or, before any, :data:`PRIOR_SECONDS_PER_STEP`."""
         aware, solver, n = self._kind(key)
         known = [(m, t / c) for (a, v, m), (t, c) in self.times.items() if a == aware and v == solver]
         if not known:
@@ -335,8 +343,9 @@ class EntryCache:
         return t * n / m
 
     def _pass(self, profile: Any, schedule: Any, grid: TrajectoryGrid, start: int, allowance: float | None,
-              step: int | None) -> tuple[list[dict[str, Any]], _Slice]:
+              step: int | None, tried: bool = False) -> tuple[list[dict[str, Any]], _Slice]:
         sl = _Slice(self, start, allowance, step)
+        sl.tried = tried  # (a save's first try runs whatever its prediction: once per save)
         needs = {"gits", "ays"} & set(grid.bases)  # bases made from the model (its paths; its family)
         model = self.model_fn() if self.model_fn is not None and needs and grid.steps else None
         out = compute_entries(profile, schedule, grid, sl, model=model, peer_cache=self.peers,
@@ -348,14 +357,15 @@ class EntryCache:
     def _compute(self, profile: Any, schedule: Any, grid: TrajectoryGrid, allowance: float | None,
                  step: int | None) -> tuple[list[dict[str, Any]], bool, bool]:
         """``(entries, optimised any, every entry of this profile)``: one pass from the cursor and, when it got to
-        the end of the grid with time left, a second from the start (round-robin)."""
+        the end of the grid with time left, a second from the start (round-robin). The next save starts at the
+        first point left for it."""
         out, sl = self._pass(profile, schedule, grid, self.cursor, allowance, step)
-        optimised = sl.optimised
-        if sl.stop is None and self.cursor > 0:
+        optimised, after = sl.optimised, sl.stop
+        if self.cursor > 0 and not sl.out and (allowance is None or sl.spent() < allowance):
             out, sl = self._pass(profile, schedule, grid, 0, None if allowance is None else allowance - sl.spent(),
-                                 step)
-            optimised += sl.optimised
-        self.cursor = sl.stop or 0
+                                 step, sl.tried)
+            optimised, after = optimised + sl.optimised, sl.stop if after is None else after
+        self.cursor = after or 0
         return out, optimised > 0, sl.stale == 0
 
     def entries(self, profile: Any, schedule: Any, grid: TrajectoryGrid, trainer: Any = None,

@@ -218,7 +218,8 @@ def _valid(ab: Tensor, settings: OptimizeSettings, ab0: Tensor) -> bool:
 
 
 def optimize_trajectory(
-    alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings | None = None, *, deadline: float | None = None
+    alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings | None = None, *, deadline: float | None = None,
+    resume: Tensor | None = None,
 ) -> OptimizeResult:
     """Optimize a base trajectory (ᾱ, cleanest first) with the VRG objective; deterministic.
 
@@ -228,6 +229,8 @@ def optimize_trajectory(
         settings: :class:`OptimizeSettings` (defaults: lp 0.01, λ 100, paper objective, alpha trust).
         deadline: a ``time.perf_counter()`` value: the search stops at its next check after it (between passes and
             iterations, tens of milliseconds at 100 steps) and returns the best point so far with ``complete=False``.
+        resume: the trajectory of such a result (of this base): the search continues from it alone (the local
+            search for the paper objective, the solver-aware descent otherwise) instead of starting over.
 
     Returns:
         :class:`OptimizeResult`; its loss is never above the base's.
@@ -248,12 +251,17 @@ def optimize_trajectory(
     cpe0, loss0 = trajectory_loss(ab0, ab0, mse_fn, settings)
     prob = SearchProblem(ab0, mse_fn, settings)
     prob.deadline = Deadline(deadline)
-    y, _, rounds = paper_search(prob)
-    evals = 0
-    if solver_aware(settings) and not prob.expired():
+    evals, aware = 0, solver_aware(settings)
+    if resume is not None:
+        y, rounds = _resume_point(prob, ab0, resume), 0
+        if not aware:
+            y, _, rounds = local_search(prob, y)
+    else:
+        y, _, rounds = paper_search(prob)
+    if aware and not prob.expired():
         from .surrogate import solver_search
 
-        y, _, more, evals = solver_search(prob, [prob.y0, y])
+        y, _, more, evals = solver_search(prob, [y] if resume is not None else [prob.y0, y])
         rounds += more
     ab = prob.alpha_bar(y)
     cpe1, loss1 = trajectory_loss(ab, ab0, mse_fn, settings)
@@ -262,6 +270,15 @@ def optimize_trajectory(
     return OptimizeResult(alpha_bar=ab, base_alpha_bar=ab0, cpe_before=cpe0, cpe_after=cpe1, loss=loss1,
                           seconds=time.perf_counter() - start, settings=settings, iterations=rounds,
                           loss_before=loss0, evaluations=prob.evals + evals, complete=not prob.deadline.cut)
+
+
+def _resume_point(prob: SearchProblem, ab0: Tensor, resume: Tensor) -> np.ndarray:
+    """The variables of a ``resume`` trajectory, restored into the feasible set; ValueError when it is not one of
+    the base's length."""
+    ab = validate_trajectory(torch.as_tensor(resume).detach().cpu().to(torch.float64), "resume")
+    if ab.numel() != ab0.numel():
+        raise ValueError(f"resume must be a trajectory of the base's {ab0.numel()} steps; got {ab.numel()}.")
+    return prob.feasible(prob.vars.from_alpha_bar(ab))
 
 
 def optimize_with_profile(alpha_bar: Tensor, profile: Any, settings: OptimizeSettings | None = None, *,
