@@ -97,21 +97,18 @@ def smooth(prob: SearchProblem, y: np.ndarray, f: float, lo: np.ndarray | None =
     if prob.alpha and prob.pinned:
         x = _spg(prob, y, lo, hi)
     else:
-        best = [y]
-
         def stop_when_expired(xk: np.ndarray) -> None:
-            best[0] = np.array(xk, dtype=float)
             if prob.expired():
-                raise StopIteration
+                raise StopIteration  # (scipy >= 1.11 ends the search with the point reached)
 
         try:
             r = minimize(prob.value_and_grad, y, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi, strict=True)),
-                         callback=stop_when_expired,
+                         callback=None if prob.deadline.at is None else stop_when_expired,
                          options={"maxiter": 2000, "maxcor": 10, "ftol": ftol, "gtol": 1e-14})
-            best[0] = r.x
-        except StopIteration:  # (scipy < 1.11 lets it out)
-            pass
-        x = np.clip(prob.feasible(best[0]), lo, hi)
+            end = r.x
+        except StopIteration:  # (older scipy lets it out: keep the start)
+            end = y
+        x = np.clip(prob.feasible(end), lo, hi)
     fx = prob.loss(x)
     return (x, fx) if fx < f else (y, f)
 
