@@ -12,7 +12,9 @@ and reports each as a share of the training time between saves (``every_n_epochs
 step). With ``optimize_on_save=False`` a save costs nothing and the grid is optimised once at fit end: that cost is
 reported as a share of the whole training (``max_steps``). Last, the default ``save_budget`` over a simulated
 training (``budgeted_training``: every save of ``max_steps`` with a new profile, the training time between saves
-simulated, then the fit end): the share of each save, the entries the checkpoints hold and how stale.
+simulated, then the fit end): the share of each save, the entries the checkpoints hold and how stale, how many
+optimisations a save's deadline stopped and how many of those a later save resumed to the end, and the latest any
+optimisation ended past its deadline (negative: none did).
 
     python benchmarks/save_cost.py [--train-steps 40] [--repeats 3] [--skip-large] [--budget 0.02]
 """
@@ -82,8 +84,19 @@ def train(config: dict, steps: int):
 def save_seconds(profile, schedule, grid, repeats: int, changed: bool) -> float:
     """Median seconds of ``EntryCache.entries`` at a save, after a save with another profile (``changed``) or with
     this one (reused)."""
+    from vrg_lightning.optimize import entries as entries_module
     from vrg_lightning.optimize.entries import EntryCache
     from vrg_lightning.profile import ErrorProfile
+
+    real, late = entries_module.optimize_trajectory, []  # (seconds past the deadline, complete, resumed)
+
+    def watched(ab, mse, s, deadline=None, resume=None):
+        r = real(ab, mse, s, deadline=deadline, resume=resume)
+        if deadline is not None:
+            late.append((time.perf_counter() - deadline, r.complete, resume is not None))
+        return r
+
+    entries_module.optimize_trajectory = watched
 
     out = []
     for i in range(repeats):
@@ -103,8 +116,19 @@ def budgeted_training(profile, schedule, grid, between: float, saves: int, budge
     and ``last_call`` are moved back by that much before each save), then the fit end (``force``). Returns the
     seconds of every save, the fit end's, the entries each save holds and how many saves old its oldest entry's
     profile is."""
+    from vrg_lightning.optimize import entries as entries_module
     from vrg_lightning.optimize.entries import EntryCache
     from vrg_lightning.profile import ErrorProfile
+
+    real, late = entries_module.optimize_trajectory, []  # (seconds past the deadline, complete, resumed)
+
+    def watched(ab, mse, s, deadline=None, resume=None):
+        r = real(ab, mse, s, deadline=deadline, resume=resume)
+        if deadline is not None:
+            late.append((time.perf_counter() - deadline, r.complete, resume is not None))
+        return r
+
+    entries_module.optimize_trajectory = watched
 
     cache, seconds, held, lag = EntryCache(budget), [], [], []
     for k in range(1, saves + 1):
@@ -116,8 +140,11 @@ def budgeted_training(profile, schedule, grid, between: float, saves: int, budge
         held.append(len(out))
         lag.append(k - min((e["profile_step"] for e in out), default=k))
     cache.last_end, cache.last_call = cache.last_end - between, cache.last_call - between
+    entries_module.optimize_trajectory = real
     cache.entries(profile, schedule, grid, SimpleNamespace(global_step=saves + 1, world_size=1), force=True)
-    return {"seconds": seconds, "fit_end": cache.seconds, "held": held, "lag": lag}
+    return {"seconds": seconds, "fit_end": cache.seconds, "held": held, "lag": lag,
+            "past": max((x[0] for x in late), default=0.0), "stopped": sum(not x[1] for x in late),
+            "resumed": sum(x[2] and x[1] for x in late)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nWith save_budget={args.budget} (the default): {saves} saves, a new profile at each (free mode), "
           "then the fit end.\n")
     print("| grid | share of training between saves: max, median | entries held at save 1, 2, last | oldest entry "
-          "(saves ago), max | fit end | share of the whole training, saves + fit end |")
-    print("|---|---|---|---|---|---|")
+          "(saves ago), max | fit end | share of the whole training, saves + fit end | stopped by the deadline, "
+          "resumed to the end | latest end past a deadline |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, entries, r in rows:
         shares = [100 * t / between for t in r["seconds"]]
         whole = 100 * (sum(r["seconds"]) + r["fit_end"]) / (max_steps * step_s)
         held = f"{r['held'][0]}, {r['held'][min(1, saves - 1)]}, {r['held'][-1]} of {entries}"
         print(f"| {name} | {max(shares):.2f}%, {statistics.median(shares):.2f}% | {held} | {max(r['lag'])} | "
-              f"{r['fit_end']:.2f} s | {whole:.2f}% |", flush=True)
+              f"{r['fit_end']:.2f} s | {whole:.2f}% | {r['stopped']}, {r['resumed']} | {1e3 * r['past']:.1f} ms |",
+              flush=True)
     return 0
 
 
