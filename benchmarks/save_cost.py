@@ -84,19 +84,8 @@ def train(config: dict, steps: int):
 def save_seconds(profile, schedule, grid, repeats: int, changed: bool) -> float:
     """Median seconds of ``EntryCache.entries`` at a save, after a save with another profile (``changed``) or with
     this one (reused)."""
-    from vrg_lightning.optimize import entries as entries_module
     from vrg_lightning.optimize.entries import EntryCache
     from vrg_lightning.profile import ErrorProfile
-
-    real, late = entries_module.optimize_trajectory, []  # (seconds past the deadline, complete, resumed)
-
-    def watched(ab, mse, s, deadline=None, resume=None):
-        r = real(ab, mse, s, deadline=deadline, resume=resume)
-        if deadline is not None:
-            late.append((time.perf_counter() - deadline, r.complete, resume is not None))
-        return r
-
-    entries_module.optimize_trajectory = watched
 
     out = []
     for i in range(repeats):
