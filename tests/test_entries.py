@@ -217,6 +217,7 @@ def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budge
     def save(k: int, step: int, seconds_since: float, force: bool = False):
         cache.last_end = cache.last_call = time.perf_counter() - seconds_since  # training since the last save
         cache.carry = 0.0  # (what carries from one save to the next is checked at the end)
+        cache.overhead = 0.0  # (the time held back for building entries is another test's)
         return cache.entries(profiles[k], SCHED, grid, SimpleNamespace(global_step=step, world_size=1), force)
 
     assert save(0, 1, 0.0) == ([], False) and not cache.complete  # nothing fits yet: no entry, nothing spent
@@ -243,6 +244,29 @@ def test_entry_cache_budget_refreshes_stale_entries_round_robin_within_the_budge
         EntryCache(budget=2.0)
 
 
+def _real_results():
+    """``optimize_trajectory`` memoised, so that a stub's sleeps alone set how long an optimisation takes (every
+    point is computed before the timed saves, :func:`_warm`)."""
+    memo: dict = {}
+
+    def results(ab, mse, s):
+        key = (tuple(ab.tolist()), s)
+        if key not in memo:
+            memo[key] = optimize_trajectory(ab, mse, s)
+        return memo[key]
+
+    return results
+
+
+def _warm(results, grid: TrajectoryGrid, prof: ErrorProfile) -> None:
+    """Every optimisation of ``grid`` into ``results``, before the timed saves."""
+    from vrg_lightning.peers import base_trajectory
+
+    for solver, n, base, objective, lp in grid.combinations():
+        ab = base_trajectory(SCHED, base, solver, int(n))[0]
+        results(ab, prof.mse_function(grid.mse_mode), grid_settings(grid, SCHED, solver, lp, objective))
+
+
 def test_entry_cache_resumes_what_its_deadline_stopped_over_several_saves(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each optimisation of a budgeted save gets the end of the save's allowance (its share, less what the last save
     spent besides optimising) as deadline. One the deadline stops is not stored (the entry keeps what it held), the
@@ -255,7 +279,7 @@ def test_entry_cache_resumes_what_its_deadline_stopped_over_several_saves(monkey
 
     from vrg_lightning.optimize.entries import MAX_RESUMES
 
-    real, work, done, calls = entries_module.optimize_trajectory, 0.15, {}, []
+    work, done, calls, results = 0.15, {}, [], _real_results()
 
     def long(ab, mse, s, deadline=None, resume=None):  # 0.15 s of work per point, interruptible, resumable
         key = (float(ab[0]), s.lp)
@@ -265,7 +289,7 @@ def test_entry_cache_resumes_what_its_deadline_stopped_over_several_saves(monkey
         stop = t0 + left if deadline is None else min(t0 + left, deadline)
         time.sleep(max(0.0, stop - t0))
         done[key] = done.get(key, 0.0) + time.perf_counter() - t0
-        r = real(ab, mse, s)
+        r = results(ab, mse, s)
         complete = done[key] >= work - 1e-3
         if complete:
             done.pop(key)
@@ -276,6 +300,7 @@ def test_entry_cache_resumes_what_its_deadline_stopped_over_several_saves(monkey
                           objectives=("paper",), mse_mode="paper")
     ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
     prof = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]))
+    _warm(results, grid, prof)
     cache = EntryCache(budget=0.02)
     cache.overhead = 0.0
 
@@ -292,6 +317,10 @@ def test_entry_cache_resumes_what_its_deadline_stopped_over_several_saves(monkey
     assert cache.predict(key) == pytest.approx(work, rel=0.2)  # timed over both tries
     assert save(3) == ["time_uniform"] and len(cache.partial) == 1  # the other: tried, stopped
     assert save(4) == ["time_uniform", "logSNR"] and cache.complete
+    cache.partial = {k: (ab, 1, 0.0) for k in cache.results}  # a fit end (no limit) searches afresh, never resumes
+    n = len(calls)
+    cache.entries(ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]) * 3), SCHED, grid, force=True)
+    assert [c[2] for c in calls[n:]] == [False, False] and cache.partial == {}
     prof2 = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]) * 2)  # a new profile: both stale
     cache.partial = {k: (ab, MAX_RESUMES, 0.0) for k in list(cache.results)[:1]}  # the first has used its tries
     cache.last_end = cache.last_call = time.perf_counter() - 5.0
@@ -308,11 +337,11 @@ def test_a_budgeted_save_fills_its_share_with_points_that_fit_and_starts_the_nex
     import time
     from types import SimpleNamespace
 
-    real = entries_module.optimize_trajectory
+    results = _real_results()
 
     def timed(ab, mse, s, deadline=None, resume=None):  # solver-aware 60 ms, paper 10 ms
         t0 = time.perf_counter()
-        r = real(ab, mse, s)
+        r = results(ab, mse, s)
         time.sleep(max(0.0, (0.06 if s.objective == "solver" else 0.01) - (time.perf_counter() - t0)))
         return dataclasses.replace(r, seconds=time.perf_counter() - t0)
 
@@ -321,6 +350,7 @@ def test_a_budgeted_save_fills_its_share_with_points_that_fit_and_starts_the_nex
                           objectives=("solver", "paper"), mse_mode="paper")
     ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
     prof = ErrorProfile.from_table(ab, torch.tensor([0.3, 0.1, 0.01]))
+    _warm(results, grid, prof)
     cache = EntryCache(budget=0.02)
     cache.overhead, cache.times = 0.0, {(True, "dpmpp_2m", 4): [0.06, 1], (False, None, 4): [0.01, 1]}
     cache.last_end = cache.last_call = time.perf_counter() - 5.0  # a share of 0.1 s

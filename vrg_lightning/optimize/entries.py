@@ -225,8 +225,9 @@ class _Slice(dict):
         return True
 
     def optimize_kwargs(self, key: Any) -> dict[str, Any]:
-        """The optimizer's ``deadline`` and ``resume`` point (the best point of a try a deadline stopped)."""
-        partial = self.cache.partial.get(key)
+        """The optimizer's ``deadline`` and ``resume`` point (the best point of a try a deadline stopped; an
+        unlimited pass, the fit end, searches afresh)."""
+        partial = None if self.allowance is None else self.cache.partial.get(key)
         return {"deadline": self.deadline, "resume": None if partial is None else partial[0]}
 
     def spent(self) -> float:
