@@ -193,14 +193,15 @@ class _Slice(dict):
     earlier profile, or ``None`` (the entry left out) where there is none. So a pass never runs past its allowance by
     more than one check of the optimizer (milliseconds)."""
 
-    def __init__(self, cache: EntryCache, start: int, allowance: float | None, step: int | None) -> None:
+    def __init__(self, cache: EntryCache, start: int, allowance: float | None, step: int | None,
+                 tried: bool = False) -> None:
         import time
 
         super().__init__()
         self.cache, self.start, self.allowance, self.step = cache, start, allowance, step
         self.visit, self.stop, self.optimised, self.stale, self.t0 = -1, None, 0, 0, time.perf_counter()
-        self.deadline: float | None = None
-        self.tried = self.out = False  # whether this pass has started an optimisation; a deadline has stopped one
+        self.tried = tried  # whether this save has started an optimisation (its first runs whatever its prediction)
+        self.out = False  # whether a deadline has stopped one
         self.steps: list[int | None] = []  # the profile step of each served result, in entry order
         self._held: tuple | None = None
 
@@ -212,12 +213,11 @@ class _Slice(dict):
             return True
         if not self.out and self.visit >= self.start:
             if self.allowance is None:
-                self.deadline = None
                 return False  # optimise it now: optimize_cached stores the result (__setitem__)
             need, cuts = c.predict(key), c.partial.get(key, (None, 0, 0.0))[1]
             first = not self.tried and cuts < MAX_RESUMES and self.allowance > self.spent()
             if self.spent() + need <= self.allowance or first:
-                self.deadline, self.tried = self.t0 + self.allowance, True
+                self.tried = True
                 return False
             if self.stop is None and need <= self.allowance and cuts < MAX_RESUMES:  # the next save starts here
                 self.stop = self.visit
@@ -227,8 +227,10 @@ class _Slice(dict):
     def optimize_kwargs(self, key: Any) -> dict[str, Any]:
         """The optimizer's ``deadline`` and ``resume`` point (the best point of a try a deadline stopped; an
         unlimited pass, the fit end, searches afresh)."""
-        partial = None if self.allowance is None else self.cache.partial.get(key)
-        return {"deadline": self.deadline, "resume": None if partial is None else partial[0]}
+        if self.allowance is None:
+            return {"deadline": None, "resume": None}
+        partial = self.cache.partial.get(key)
+        return {"deadline": self.t0 + self.allowance, "resume": None if partial is None else partial[0]}
 
     def spent(self) -> float:
         """Wall seconds since the pass began (optimisations and the building of entries)."""
@@ -345,8 +347,7 @@ class EntryCache:
 
     def _pass(self, profile: Any, schedule: Any, grid: TrajectoryGrid, start: int, allowance: float | None,
               step: int | None, tried: bool = False) -> tuple[list[dict[str, Any]], _Slice]:
-        sl = _Slice(self, start, allowance, step)
-        sl.tried = tried  # (a save's first try runs whatever its prediction: once per save)
+        sl = _Slice(self, start, allowance, step, tried)
         needs = {"gits", "ays"} & set(grid.bases)  # bases made from the model (its paths; its family)
         model = self.model_fn() if self.model_fn is not None and needs and grid.steps else None
         out = compute_entries(profile, schedule, grid, sl, model=model, peer_cache=self.peers,

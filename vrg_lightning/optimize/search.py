@@ -279,7 +279,8 @@ def _resume_point(prob: SearchProblem, ab0: Tensor, resume: Tensor) -> np.ndarra
 
 
 def optimize_with_profile(alpha_bar: Tensor, profile: Any, settings: OptimizeSettings | None = None, *,
-                          deadline: float | None = None) -> OptimizeResult:
+                          deadline: float | None = None, resume: Tensor | None = None) -> OptimizeResult:
     """:func:`optimize_trajectory` with ``profile.mse_function(settings.mse_mode)`` as the MSE."""
     settings = settings or OptimizeSettings()
-    return optimize_trajectory(alpha_bar, profile.mse_function(settings.mse_mode), settings, deadline=deadline)
+    return optimize_trajectory(alpha_bar, profile.mse_function(settings.mse_mode), settings, deadline=deadline,
+                               resume=resume)

@@ -192,7 +192,6 @@ class SolverObjective:
         ab = p.vars.alpha_bar_np(y[None])[0]
         step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
         model = WeightModel(p, w, jac, y.copy(), step, ab[step] == levels, levels, jac_levels)
-        model.deadline = p.deadline
         model.lin = g - model.value_and_grad(y)[1]
         return model
 
@@ -205,6 +204,7 @@ class WeightModel(SearchProblem):
     def __init__(self, prob: SearchProblem, w: np.ndarray, jac: np.ndarray, center: np.ndarray, step: np.ndarray,
                  on: np.ndarray, levels: np.ndarray, jac_levels: np.ndarray) -> None:
         super().__init__(prob.ab0, prob.mse_fn, prob.s)
+        self.deadline = prob.deadline  # (the problem's: its searches stop with the problem's)
         self.w, self.jac, self.center, self.step, self.on = w, jac, center, step, on
         self.levels, self.jac_levels = levels, jac_levels
         self.scatter = np.zeros((w.size, self.n))  # evaluation -> its step, for those on the trajectory
