@@ -48,6 +48,19 @@ def _nodes(prob: SearchProblem, y: np.ndarray, off: np.ndarray, lo: np.ndarray,
     return zz, ab, ok
 
 
+def _transitions(prob: SearchProblem, y: np.ndarray, h: float, ks: np.ndarray, ok: np.ndarray, lo: np.ndarray,
+                 hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which pairs of positions of consecutive steps are allowed ``[N-1, G, G]`` and which positions of the
+    cleanest step ``[G]`` (``alpha`` trust: the links ``log(ᾱ_i / ᾱ_{i-1})`` inside their box)."""
+    allowed = ok[:-1, :, None] & ok[1:, None, :]
+    if not prob.alpha:
+        return allowed, ok[0]
+    link = y[1:, None, None] + (h * (ks[None, :] - ks[:, None]))[None]
+    allowed &= (link >= lo[1:, None, None]) & (link <= hi[1:, None, None])
+    link0 = y[0] + h * ks
+    return allowed, ok[0] & (link0 >= lo[0]) & (link0 <= hi[0])
+
+
 def grid_pass(prob: SearchProblem, y: np.ndarray, h: float, lo: np.ndarray | None = None,
               hi: np.ndarray | None = None, k: int = OFFSETS) -> np.ndarray | None:
     """One pass of :func:`refine`: the best point of the grid ``z_i + h·(-k..k)`` (``None`` if no position is
@@ -66,18 +79,14 @@ def grid_pass(prob: SearchProblem, y: np.ndarray, h: float, lo: np.ndarray | Non
         else:
             cost = pair_terms(prob.quad, (slice(1, None), None, None), s[:-1, :, None], s[1:, None, :]) * m[1:, None]
             value = pair_terms(prob.quad, 0, 0.0, s[0]) * m[0]
-        allowed = ok[:-1, :, None] & ok[1:, None, :]
+        allowed, ok0 = _transitions(prob, y, h, ks, ok, lo, hi)
         sep = prob.lin is not None or prob.mu
         if prob.alpha:  # the variables are the links log(ᾱ_i / ᾱ_{i-1})
-            link = y[1:, None, None] + (h * (ks[None, :] - ks[:, None]))[None]
-            allowed &= (link >= lo[1:, None, None]) & (link <= hi[1:, None, None])
-            link0 = y[0] + off
-            ok0 = ok[0] & (link0 >= lo[0]) & (link0 <= hi[0])
             if sep:
+                link = y[1:, None, None] + (h * (ks[None, :] - ks[:, None]))[None]
                 cost = cost + prob.separable(link, (slice(1, None), None, None))
-                value = value + prob.separable(link0, 0)
+                value = value + prob.separable(y[0] + off, 0)
         else:  # the variables are the positions themselves
-            ok0 = ok[0]
             if sep:
                 node = prob.separable(zz, (slice(None), None))
                 cost = cost + node[1:, None, :]
@@ -122,7 +131,7 @@ def refine(prob: SearchProblem, y: np.ndarray, f: float, lo: np.ndarray | None =
     while h > floor and passes < max_passes:
         if prob.expired():
             break
-        yn = grid_pass(prob, y, h, lo, hi)
+        yn = prob.grid_pass(y, h, lo, hi)
         passes += 1
         fn = math.inf if yn is None else prob.loss(yn)
         if fn < f - 1e-15 * abs(f):

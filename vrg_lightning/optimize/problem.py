@@ -136,6 +136,17 @@ class SearchProblem:
             out = out + 0.5 * self.mu * (values - self.center[index]) ** 2
         return out
 
+    def _terms(self, ab: np.ndarray, grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The terms' sum of trajectories ``[K, N]`` and optionally its gradient in ᾱ (penalty and separable part
+        excluded)."""
+        return cpe_paper_numpy(ab, self.np_mse, grad=grad) if self.quad is None else self._chain(ab, grad)
+
+    def grid_pass(self, y: np.ndarray, h: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
+        """One pass of the grid refinement (:func:`~.chain.grid_pass`; a problem with other terms has its own)."""
+        from .chain import grid_pass
+
+        return grid_pass(self, y, h, lo, hi)
+
     def _chain(self, ab: np.ndarray, grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """``Σ_i Q_i m_i`` of trajectories ``[K, N]`` and its gradient in ᾱ (general ``quad``)."""
         s = np.sqrt((1 - ab) / ab)
@@ -155,10 +166,7 @@ class SearchProblem:
     def rows(self, ys: np.ndarray, grad: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Loss of each row of ``ys`` ``[K, N]`` and optionally its gradient in ``y`` (no finiteness check)."""
         ab = self.vars.alpha_bar_np(ys)
-        if self.quad is None:
-            f, g = cpe_paper_numpy(ab, self.np_mse, grad=grad)
-        else:
-            f, g = self._chain(ab, grad)
+        f, g = self._terms(ab, grad)
         self.evals += ys.shape[0]
         if self.penalty:
             f = f + self.penalty * (ab[:, -1] - self.end) ** 2

@@ -256,9 +256,11 @@ def optimize_trajectory(
     else:
         y, _, rounds = paper_search(prob)
     if aware and not prob.expired():
+        from .groups import GROUPED, grouped_search
         from .surrogate import solver_search
 
-        y, _, more, evals = solver_search(prob, [y] if resume is not None else [prob.y0, y])
+        search = grouped_search if settings.solver in GROUPED else solver_search
+        y, _, more, evals = search(prob, [y] if resume is not None else [prob.y0, y])
         rounds += more
     ab = prob.alpha_bar(y)
     cpe1, loss1 = trajectory_loss(ab, ab0, mse_fn, settings)

@@ -1,0 +1,103 @@
+"""The grouped (exact chain) solver-aware loss of the singlestep solvers against the one cpe implementation
+(``variance.cpe_solver``): value and gradient equal it for every length and group pattern, both trust regions and a
+pinned start; a grouped grid pass is the exact minimum over its product grid (brute force); the optimizer's result for
+these solvers is a minimum of the exact loss on fine grids and never worse than the base."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from vrg_lightning.optimize import OptimizeSettings, SearchProblem, optimize_trajectory
+from vrg_lightning.optimize.chain import grid_pass
+from vrg_lightning.optimize.groups import GROUPED, GroupedProblem, group_pass, group_runs
+from vrg_lightning.profile import ErrorProfile
+from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
+from vrg_lightning.solvers import _singlestep_orders
+from vrg_lightning.trajectories import make_trajectory
+from vrg_lightning.variance import cpe_solver
+
+SCHED = NoiseSchedule()
+
+
+def mse_fn(mode: str = "paper"):
+    ab = SCHED.alphas_cumprod[::10]
+    return ErrorProfile.from_table(ab, 0.6 * torch.sigmoid((alpha_bar_to_lambda(ab) - 2) / 1.2) + 1e-3).mse_function(
+        mode)
+
+
+def grouped(solver: str, ab: torch.Tensor, trust: str = "alpha", pin: bool = False, lp: float = 0.05,
+            mode: str = "paper") -> GroupedProblem:
+    s = OptimizeSettings(lp=lp, mse_mode=mode, objective="solver", solver=solver, trust=trust, pin_start=pin)
+    return GroupedProblem(SearchProblem(ab, mse_fn(mode), s))
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 12, 13])
+def test_groups_cover_the_trajectory_as_the_solver_orders_it(order: int, n: int) -> None:
+    runs = group_runs(n, order)
+    assert runs[0] == (-1, 1)  # the step into σ = 0 first
+    assert [a for a, _ in runs[1:]] == [a + length for a, length in runs[:-1]]  # contiguous
+    assert runs[-1][0] + runs[-1][1] == n - 1  # up to the noisiest value
+    orders = _singlestep_orders(n, order, True, True)  # noisiest first
+    for a, length in runs:  # a group's steps have the orders 1..L, from its noisiest value
+        k = n - 1 - (a + length)
+        assert orders[k:k + length] == list(range(1, length + 1))
+    assert sum(length for _, length in runs) == n
+
+
+@pytest.mark.parametrize("solver", sorted(GROUPED))
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 10, 40])
+@pytest.mark.parametrize("trust", ["alpha", "logsnr"])
+def test_grouped_loss_and_gradient_are_cpe_solver(solver: str, n: int, trust: str) -> None:
+    prob = grouped(solver, make_trajectory(SCHED, "time_quadratic", n), trust)
+    rng = np.random.default_rng(n)
+    y = prob.lo + (prob.hi - prob.lo) * rng.random(n)  # anywhere in the box
+    f, g = prob.value_and_grad(y)
+    yt = torch.tensor(y, requires_grad=True)
+    ab = prob.vars.alpha_bar(yt)
+    ref = cpe_solver(ab, prob.mse_fn, solver) + prob.penalty * (ab[-1] - prob.end) ** 2
+    (g_ref,) = torch.autograd.grad(ref, yt)
+    assert f == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert np.allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-11 * np.abs(g_ref.numpy()).max())
+
+
+@pytest.mark.parametrize("solver", sorted(GROUPED))
+@pytest.mark.parametrize("trust, pin", [("alpha", False), ("alpha", True), ("logsnr", False)])
+def test_group_pass_is_the_minimum_over_its_grid(solver: str, trust: str, pin: bool) -> None:
+    prob = grouped(solver, make_trajectory(SCHED, "logSNR", 6), trust, pin)
+    y, h, k = prob.y0 + 0.3 * (prob.hi - prob.y0), 0.02, 1
+    got = group_pass(prob, y, h, k=k)
+    best = np.inf
+    for c in itertools.product(range(-k, k + 1), repeat=prob.n):
+        step = h * np.array(c, dtype=float)
+        yy = y + (np.diff(step, prepend=0.0) if prob.alpha else step)
+        if (yy < prob.lo).any() or (yy > prob.hi).any() or (pin and c[-1] != 0):
+            continue
+        best = min(best, prob.loss(yy))
+    assert prob.loss(got) == pytest.approx(best, rel=1e-14)
+    assert prob.loss(got) < prob.loss(y)  # (the grid holds a better point: the pass means something)
+
+
+@pytest.mark.parametrize("solver", sorted(GROUPED))
+def test_singlestep_result_is_a_grid_minimum_of_cpe_solver(solver: str) -> None:
+    """The optimizer's trajectory for a singlestep solver: no grouped grid pass at several scales improves the exact
+    loss (nor does the paper objective's chain pass applied to it), and it is below the base and the paper optimum."""
+    base = make_trajectory(SCHED, "time_quadratic", 12)
+    mse = mse_fn()
+    s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver=solver)
+    r = optimize_trajectory(base, mse, s)
+    paper = optimize_trajectory(base, mse, OptimizeSettings(lp=0.05, mse_mode="paper"))
+    prob = GroupedProblem(SearchProblem(base, mse, s))
+    y = prob.feasible(prob.vars.from_alpha_bar(r.alpha_bar))
+    f = prob.loss(y)
+    assert f == pytest.approx(r.loss, rel=1e-12)
+    assert r.cpe_after == pytest.approx(float(cpe_solver(r.alpha_bar, mse, solver)), rel=1e-12)
+    assert r.loss < prob.loss(prob.feasible(prob.vars.from_alpha_bar(paper.alpha_bar))) < r.loss_before
+    for h in (1e-2, 1e-4, 1e-6):
+        assert prob.loss(group_pass(prob, y, h)) >= f * (1 - 1e-12)
+    chain = SearchProblem(base, mse, s)  # the paper terms' pass proposes other joint moves; none helps the exact loss
+    assert prob.loss(grid_pass(chain, y, 1e-4)) >= f * (1 - 1e-12)
