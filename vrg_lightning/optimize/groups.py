@@ -17,6 +17,7 @@ in between. :func:`group_weights` is a fast path of :func:`~vrg_lightning.varian
 from __future__ import annotations
 
 import numpy as np
+
 from ..solvers import _singlestep_orders
 from .chain import OFFSETS, _nodes, _transitions, refine
 from .problem import SearchProblem
@@ -26,6 +27,7 @@ __all__ = ["GROUPED", "group_runs", "group_weights", "GroupedProblem", "group_pa
 GROUPED = {"dpmsolver2": 2, "dpmsolver3": 3}  # solver -> its order
 COMPLEX_STEP = 1e-30  # the imaginary step of the gradient (exact to rounding)
 SCOUT_BOX = 1 / 8  # a scout's smooth phase from the best start also runs within this part of the box around it
+SCOUT_FTOL = 1e-8  # the smooth phase's relative tolerance in a scout
 OFFSETS_3 = 2  # the offsets K of a grid pass with groups of 3 steps (each costs (2K + 1)^4 terms)
 
 
@@ -103,6 +105,13 @@ class GroupedProblem(SearchProblem):
         return f, g_s[:, 1:] * (-0.5 / (s * ab * ab)) + w2[:, 1:] * dm
 
 
+def _on_axis(arr: np.ndarray, a: np.ndarray, length: int, j: int, g: int) -> np.ndarray:
+    """Rows ``a + j`` of ``arr [N, G]`` shaped ``[groups, 1, .., G (axis j + 1), .., 1]`` (``length + 1`` values)."""
+    sh = [a.size] + [1] * (length + 1)
+    sh[j + 1] = g
+    return arr[a + j].reshape(sh)
+
+
 def group_pass(prob: GroupedProblem, y: np.ndarray, h: float, lo: np.ndarray | None = None,
                hi: np.ndarray | None = None, k: int = OFFSETS) -> np.ndarray | None:
     """The best point of the grid ``z_i + h·(-k..k)`` for a :class:`GroupedProblem` (``None`` if no position is
@@ -124,21 +133,15 @@ def group_pass(prob: GroupedProblem, y: np.ndarray, h: float, lo: np.ndarray | N
                 pos = pos[1:]  # (the step into σ = 0, done above)
             if not pos.size:
                 continue
-            a = pos - 1  # cleanest value of each group; axes (a, a+1, ..., a+L), cleanest first
-            shape = [a.size] + [1] * (length + 1)
-
-            def at(arr: np.ndarray, j: int) -> np.ndarray:  # value a+j of every group on axis j + 1
-                sh = list(shape)
-                sh[j + 1] = g
-                return arr[a + j].reshape(sh)
-
-            ws = group_weights([at(s, length - j) for j in range(length + 1)],
-                               [at(lam, length - j) for j in range(length + 1)])
-            c = sum(w * w * at(m, length - j) for j, w in enumerate(ws))
-            for j in range(length):
-                sh = list(shape)
+            a = pos - 1  # cleanest value of each group; axes (group, a, a+1, ..., a+L), cleanest first
+            vals = [_on_axis(s, a, length, length - j, g) for j in range(length + 1)]  # noisiest first
+            ws = group_weights(vals, [_on_axis(lam, a, length, length - j, g) for j in range(length + 1)])
+            c = sum(w * w * _on_axis(m, a, length, length - j, g) for j, w in enumerate(ws))
+            for j in range(length):  # the transitions between the group's consecutive values
+                sh = [a.size] + [1] * (length + 1)
                 sh[j + 1] = sh[j + 2] = g
                 c = c + bar[a + j].reshape(sh)
+            c[np.isnan(c)] = np.inf  # (positions outside (0, 1))
             cost.update({int(ai): ci for ai, ci in zip(a, c, strict=True)})
         back: list[np.ndarray] = []
         for a, length in prob.runs[1:]:
@@ -189,7 +192,7 @@ def grouped_search(prob: SearchProblem, starts: list[np.ndarray]) -> tuple[np.nd
         if frac is not None:
             reach = frac * (hi - lo)
             lo, hi = np.maximum(lo, y - reach), np.minimum(hi, y + reach)
-        y, f = smooth(exact, y, f, lo, hi)
+        y, f = smooth(exact, y, f, lo, hi, SCOUT_FTOL)
         y, f, _ = refine(exact, y, f, resolution=SCOUT_RESOLUTION, max_passes=SCOUT_PASSES)
         best = (y, f) if best is None or f < best[1] else best
     y, f = best if best is not None else (points[order[0]], losses[order[0]])
