@@ -508,8 +508,9 @@ def test_a_deadline_stops_the_search_early_and_says_so(mse_paper) -> None:
     import time
 
     base = make_trajectory(NoiseSchedule(), "time_quadratic", 10)
-    for s in (OptimizeSettings(mse_mode="paper"), OptimizeSettings(mse_mode="paper", objective="solver",
-                                                                   solver="dpmpp_2m")):
+    for s in (OptimizeSettings(mse_mode="paper"), *(OptimizeSettings(mse_mode="paper", objective="solver",
+                                                                    solver=solver)
+                                                   for solver in ("dpmpp_2m", "dpmsolver2"))):
         full = optimize_trajectory(base, mse_paper, s)
         late = optimize_trajectory(base, mse_paper, s, deadline=time.perf_counter() + 3600.0)
         cut = optimize_trajectory(base, mse_paper, s, deadline=time.perf_counter())
