@@ -18,13 +18,12 @@ import math
 
 import numpy as np
 
-from .problem import SearchProblem, pair_terms
+from .problem import RESOLUTION, SearchProblem, pair_terms
 
 __all__ = ["OFFSETS", "SHRINK", "RESOLUTION", "MAX_PASSES", "refine", "grid_pass", "global_start"]
 
 OFFSETS = 4  # K: a pass offers 2K + 1 positions per step
 SHRINK = 4.0  # the scale shrinks by this factor when a pass finds nothing better
-RESOLUTION = 1e-11  # the last scale, relative to max(1, max |z|)
 MAX_PASSES = 400  # a bound on the passes of one refinement
 
 
@@ -114,7 +113,7 @@ def grid_pass(prob: SearchProblem, y: np.ndarray, h: float, lo: np.ndarray | Non
 
 
 def refine(prob: SearchProblem, y: np.ndarray, f: float, lo: np.ndarray | None = None, hi: np.ndarray | None = None,
-           h0: float | None = None, resolution: float = RESOLUTION,
+           h0: float | None = None, resolution: float | None = None,
            max_passes: int = MAX_PASSES) -> tuple[np.ndarray, float, int]:
     """Grid refinement from ``y`` (loss ``f``) inside ``[lo, hi]`` (default: the trust box): passes of
     :func:`grid_pass` from scale ``h0`` (default: half the widest box over K) down to ``resolution``.
@@ -126,6 +125,7 @@ def refine(prob: SearchProblem, y: np.ndarray, f: float, lo: np.ndarray | None =
     hi = prob.hi if hi is None else hi
     h_max = float(np.max(hi - lo)) / (2 * OFFSETS)
     h = h_max if h0 is None else min(float(h0), h_max)
+    resolution = prob.resolution if resolution is None else resolution
     floor = resolution * max(1.0, float(np.max(np.abs(prob.vars.coords(y)))))
     passes = 0
     while h > floor and passes < max_passes:

@@ -9,8 +9,8 @@ evaluation depends on the σ of its own group's L + 1 values only, and
 
 is a chain whose links are groups (the last group, the step into σ = 0, has one value). :func:`group_pass` minimises
 it exactly over a product grid, as :func:`~.chain.grid_pass` does the paper loss (a group costs ``G^(L+1)`` terms),
-so :func:`~.search.local_search` (smooth phase and grid refinement) searches the exact solver-aware loss with no model
-in between. :func:`group_weights` is a fast path of :func:`~vrg_lightning.variance.propagation` for these solvers
+so :func:`~.search.scouted_search` searches the exact solver-aware loss like the paper loss, with no model in
+between. :func:`group_weights` is a fast path of :func:`~vrg_lightning.variance.propagation` for these solvers
 (tested equal to it); gradients come by autograd of the same formula.
 """
 
@@ -19,15 +19,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..solvers import _singlestep_orders
-from .chain import OFFSETS, _nodes, _transitions, refine
+from .chain import OFFSETS, _nodes, _transitions
 from .problem import SearchProblem
 
-__all__ = ["GROUPED", "group_runs", "group_weights", "GroupedProblem", "group_pass", "grouped_search"]
+__all__ = ["GROUPED", "group_runs", "group_weights", "GroupedProblem", "group_pass"]
 
 GROUPED = {"dpmsolver2": 2, "dpmsolver3": 3}  # solver -> its order
 COMPLEX_STEP = 1e-30  # the imaginary step of the gradient (exact to rounding)
-SCOUT_BOX = 1 / 8  # a scout's smooth phase from the best start also runs within this part of the box around it
-SCOUT_FTOL = 1e-8  # the smooth phase's relative tolerance in a scout
 OFFSETS_3 = 2  # the offsets K of a grid pass with groups of 3 steps (each costs (2K + 1)^4 terms)
 
 
@@ -161,40 +159,3 @@ def group_pass(prob: GroupedProblem, y: np.ndarray, h: float, lo: np.ndarray | N
     prob.evals += g * g
     step = h * ks[idx]
     return np.clip(y + (np.diff(step, prepend=0.0) if prob.alpha else step), lo, hi)
-
-
-def grouped_search(prob: SearchProblem, starts: list[np.ndarray]) -> tuple[np.ndarray, float, int, int]:
-    """Minimise the exact grouped loss: scout from every start (the smooth phase, in the whole box and, from the best
-    start, also within :data:`SCOUT_BOX` of it, then a coarse grid refinement), then :func:`~.search.local_search`
-    from the best scout. The landscape is bumpy: which basin a search ends in depends on its first moves, and no one
-    of these paths is best on every reference trajectory.
-
-    Args:
-        prob: the paper problem of the base (its settings, trust box, MSE and deadline).
-        starts: points in the box (the base and the paper optimum; one point to resume from).
-
-    Returns:
-        ``(y, loss, rounds, evaluations)``.
-    """
-    from .search import SCOUT_PASSES, SCOUT_RESOLUTION, local_search, smooth
-
-    exact = GroupedProblem(prob)
-    points = [exact.feasible(y) for y in starts]
-    losses = [exact.loss(y) for y in points]
-    order = np.argsort(losses, kind="stable")
-    paths = [(order[0], None), (order[0], SCOUT_BOX)] + [(k, None) for k in order[1:]]
-    best: tuple[np.ndarray, float] | None = None
-    for k, frac in paths if len(points) > 1 else []:
-        if exact.expired():
-            break
-        y, f = points[k], losses[k]
-        lo, hi = exact.lo, exact.hi
-        if frac is not None:
-            reach = frac * (hi - lo)
-            lo, hi = np.maximum(lo, y - reach), np.minimum(hi, y + reach)
-        y, f = smooth(exact, y, f, lo, hi, SCOUT_FTOL)
-        y, f, _ = refine(exact, y, f, resolution=SCOUT_RESOLUTION, max_passes=SCOUT_PASSES)
-        best = (y, f) if best is None or f < best[1] else best
-    y, f = best if best is not None else (points[order[0]], losses[order[0]])
-    y, f, rounds = local_search(exact, y, f)
-    return y, f, rounds, exact.evals

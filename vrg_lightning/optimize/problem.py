@@ -29,6 +29,8 @@ from .variables import Variables
 
 __all__ = ["Deadline", "SearchProblem", "numpy_mse", "paper_quad"]
 
+RESOLUTION = 1e-11  # the grid refinement's last scale, relative to max(1, max |z|) (SearchProblem.resolution)
+
 
 def numpy_mse(mse_fn: MSEFn) -> NumpyMSEFn:
     """``(MSE, dMSE/dᾱ)`` in float64 numpy of an MSE callable: its own ``value_and_grad`` if it has one, else the
@@ -122,6 +124,7 @@ class SearchProblem:
         self.mu, self.center = 0.0, None
         self.evals = 0
         self.deadline = Deadline()
+        self.resolution = RESOLUTION
 
     def expired(self) -> bool:
         """Whether the :attr:`deadline` has passed (:meth:`Deadline.expired`)."""

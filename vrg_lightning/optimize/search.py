@@ -63,6 +63,8 @@ __all__ = [
 
 SMOOTH_FTOL = 1e-10  # L-BFGS-B's relative tolerance: the grid refinement takes over from there
 SCOUT_RESOLUTION, SCOUT_PASSES = 1e-6, 8  # the coarse refinement of the global start that scouts its basin
+SCOUT_BOX = 1 / 8  # an exact chain's scouts: the smooth phase from the best start also runs within this part of the box
+SCOUT_FTOL = 1e-8  # the smooth phase's relative tolerance in a scout
 
 
 def solver_aware(settings: OptimizeSettings) -> bool:
@@ -186,6 +188,42 @@ def paper_search(prob: SearchProblem) -> tuple[np.ndarray, float, int]:
     return y, f, rounds
 
 
+def scouted_search(exact: SearchProblem, starts: list[np.ndarray]) -> tuple[np.ndarray, float, int, int]:
+    """Minimise an exact chain loss (:class:`~.groups.GroupedProblem`, :class:`~.windows.WindowProblem`) from
+    ``starts`` (the base and the paper optimum; one point to resume from): scout each (the smooth phase, in the whole
+    box and, from the best start, also within :data:`SCOUT_BOX` of it, then :data:`SCOUT_PASSES` coarse grid passes),
+    then :func:`local_search` from the best scout. These losses are bumpy: which basin a search ends in depends on its
+    first moves, and no one of these paths is best on every reference trajectory. Returns ``(y, loss, rounds,
+    evaluations)``."""
+    points = [exact.feasible(y) for y in starts]
+    losses = [exact.loss(y) for y in points]
+    order = np.argsort(losses, kind="stable")
+    paths = [(order[0], None), (order[0], SCOUT_BOX)] + [(k, None) for k in order[1:]]
+    best: tuple[np.ndarray, float] | None = None
+    for k, frac in paths if len(points) > 1 else []:
+        if exact.expired():
+            break
+        y, f, lo, hi = points[k], losses[k], exact.lo, exact.hi
+        if frac is not None:
+            lo, hi = np.maximum(lo, y - frac * (hi - lo)), np.minimum(hi, y + frac * (hi - lo))
+        y, f = smooth(exact, y, f, lo, hi, SCOUT_FTOL)
+        y, f, _ = refine(exact, y, f, resolution=SCOUT_RESOLUTION, max_passes=SCOUT_PASSES)
+        best = (y, f) if best is None or f < best[1] else best
+    y, f = best if best is not None else (points[order[0]], losses[order[0]])
+    y, f, rounds = local_search(exact, y, f)
+    return y, f, rounds, exact.evals
+
+
+def _exact_chain(prob: SearchProblem) -> SearchProblem | None:
+    """The solver-aware loss as an exact chain problem, for the solvers that have one (else ``None``)."""
+    from .groups import GROUPED, GroupedProblem
+    from .windows import LINEAR, MAX_VALUES, WindowProblem
+
+    if prob.s.solver in GROUPED:
+        return GroupedProblem(prob)
+    return WindowProblem(prob) if prob.s.solver in LINEAR and prob.n <= MAX_VALUES else None
+
+
 # --- driver -----------------------------------------------------------------------------------------------------
 def _check_inputs(
     alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings | None
@@ -258,11 +296,11 @@ def optimize_trajectory(
     else:
         y, _, rounds = paper_search(prob)
     if aware and not prob.expired():
-        from .groups import GROUPED, grouped_search
         from .surrogate import solver_search
 
-        search = grouped_search if settings.solver in GROUPED else solver_search
-        y, _, more, evals = search(prob, [y] if resume is not None else [prob.y0, y])
+        starts = [y] if resume is not None else [prob.y0, y]
+        exact = _exact_chain(prob)
+        y, _, more, evals = solver_search(prob, starts) if exact is None else scouted_search(exact, starts)
         rounds += more
     ab = prob.alpha_bar(y)
     cpe1, loss1 = trajectory_loss(ab, ab0, mse_fn, settings)

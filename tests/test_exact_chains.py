@@ -1,7 +1,8 @@
-"""The grouped (exact chain) solver-aware loss of the singlestep solvers against the one cpe implementation
-(``variance.cpe_solver``): value and gradient equal it for every length and group pattern, both trust regions and a
-pinned start; a grouped grid pass is the exact minimum over its product grid (brute force); the optimizer's result for
-these solvers is a minimum of the exact loss on fine grids and never worse than the base."""
+"""The exact chain forms of the solver-aware loss against the one cpe implementation (``variance.cpe_solver``): the
+singlestep solvers' groups and the linear multistep solvers' windows. Value and gradient equal it for every length and
+group pattern and both trust regions; a grid pass is the exact minimum over its product grid (brute force, pinned
+start too); the optimizer's result for these solvers is a minimum of the exact loss on grids of several scales and
+below the base and the paper optimum."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import torch
 from vrg_lightning.optimize import OptimizeSettings, SearchProblem, optimize_trajectory
 from vrg_lightning.optimize.chain import grid_pass
 from vrg_lightning.optimize.groups import GROUPED, GroupedProblem, group_pass, group_runs
+from vrg_lightning.optimize.windows import LINEAR, WINDOW_RESOLUTION, WindowProblem, linear_weights, window_pass
 from vrg_lightning.profile import ErrorProfile
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.solvers import _singlestep_orders
 from vrg_lightning.trajectories import make_trajectory
-from vrg_lightning.variance import cpe_solver
+from vrg_lightning.variance import cpe_solver, propagation
 
 SCHED = NoiseSchedule()
 
@@ -101,3 +103,77 @@ def test_singlestep_result_is_a_grid_minimum_of_cpe_solver(solver: str) -> None:
         assert prob.loss(group_pass(prob, y, h)) >= f * (1 - 1e-12)
     chain = SearchProblem(base, mse, s)  # the paper terms' pass proposes other joint moves; none helps the exact loss
     assert prob.loss(grid_pass(chain, y, 1e-4)) >= f * (1 - 1e-12)
+
+
+def windowed(solver: str, ab: torch.Tensor, trust: str = "alpha", pin: bool = False) -> WindowProblem:
+    s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver=solver, trust=trust, pin_start=pin)
+    return WindowProblem(SearchProblem(ab, mse_fn(), s))
+
+
+@pytest.mark.parametrize("solver", LINEAR)
+@pytest.mark.parametrize("n", [4, 5, 9, 30])
+def test_linear_weights_are_the_solver_code_on_any_trajectory(solver: str, n: int) -> None:
+    jac, ends = linear_weights(solver, n)
+    for base in ("time_uniform", "logSNR"):  # not the trajectory they were found on
+        ab = make_trajectory(SCHED, base, n)
+        p = propagation(solver, ab)
+        s = ((1 - ab) / ab).sqrt().numpy()
+        assert np.allclose(jac @ s, p.weights.numpy(), rtol=1e-12, atol=1e-14)
+        assert np.allclose(1 / (1 + s[ends[:, 0]] * s[ends[:, 1]]), p.alpha_bar.numpy(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["deis", "dpmpp_2m"])
+def test_solvers_whose_weights_are_not_linear_are_refused(solver: str) -> None:
+    with pytest.raises(ValueError, match="no constant linear weights"):
+        linear_weights(solver, 8)
+
+
+@pytest.mark.parametrize("solver", LINEAR)
+@pytest.mark.parametrize("n", [4, 6, 10, 40])
+@pytest.mark.parametrize("trust", ["alpha", "logsnr"])
+def test_window_loss_and_gradient_are_cpe_solver(solver: str, n: int, trust: str) -> None:
+    prob = windowed(solver, make_trajectory(SCHED, "time_quadratic", n), trust)
+    rng = np.random.default_rng(n)
+    y = prob.lo + (prob.hi - prob.lo) * rng.random(n)
+    f, g = prob.value_and_grad(y)
+    yt = torch.tensor(y, requires_grad=True)
+    ab = prob.vars.alpha_bar(yt)
+    ref = cpe_solver(ab, prob.mse_fn, solver) + prob.penalty * (ab[-1] - prob.end) ** 2
+    (g_ref,) = torch.autograd.grad(ref, yt)
+    assert f == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert np.allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-11 * np.abs(g_ref.numpy()).max())
+
+
+@pytest.mark.parametrize("solver", LINEAR)
+@pytest.mark.parametrize("n, trust, pin", [(6, "alpha", False), (6, "alpha", True), (6, "logsnr", False),
+                                           (4, "alpha", False)])
+def test_window_pass_is_the_minimum_over_its_grid(solver: str, n: int, trust: str, pin: bool) -> None:
+    prob = windowed(solver, make_trajectory(SCHED, "logSNR", n), trust, pin)
+    y, h, k = prob.y0 + 0.3 * (prob.hi - prob.y0), 0.02, 1
+    got = window_pass(prob, y, h, k=k)
+    best = np.inf
+    for c in itertools.product(range(-k, k + 1), repeat=prob.n):
+        step = h * np.array(c, dtype=float)
+        yy = y + (np.diff(step, prepend=0.0) if prob.alpha else step)
+        if (yy < prob.lo).any() or (yy > prob.hi).any() or (pin and c[-1] != 0):
+            continue
+        best = min(best, prob.loss(yy))
+    assert prob.loss(got) == pytest.approx(best, rel=1e-14)
+    assert prob.loss(got) < prob.loss(y)
+
+
+@pytest.mark.parametrize("solver", LINEAR)
+def test_linear_multistep_result_is_a_grid_minimum_of_cpe_solver(solver: str) -> None:
+    base = make_trajectory(SCHED, "time_quadratic", 12)
+    mse = mse_fn()
+    s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver=solver)
+    r = optimize_trajectory(base, mse, s)
+    paper = optimize_trajectory(base, mse, OptimizeSettings(lp=0.05, mse_mode="paper"))
+    prob = WindowProblem(SearchProblem(base, mse, s))
+    y = prob.feasible(prob.vars.from_alpha_bar(r.alpha_bar))
+    f = prob.loss(y)
+    assert f == pytest.approx(r.loss, rel=1e-12)
+    assert r.cpe_after == pytest.approx(float(cpe_solver(r.alpha_bar, mse, solver)), rel=1e-12)
+    assert r.loss < prob.loss(prob.feasible(prob.vars.from_alpha_bar(paper.alpha_bar))) < r.loss_before
+    for h in (1e-2, 1e-4, 10 * WINDOW_RESOLUTION):
+        assert prob.loss(window_pass(prob, y, h)) >= f * (1 - 1e-12)
