@@ -21,9 +21,9 @@ Algorithm for the paper objective (deterministic), over one :class:`~.problem.Se
 3. The best result is returned; it is never worse than the base.
 
 The solver-aware objective of a solver that is not :data:`~vrg_lightning.variance.DDIM_LIKE` (for those it is the
-paper formula) is minimised from the paper optimum and the base: for the singlestep solvers (``dpmsolver2``,
-``dpmsolver3``) it is itself a chain over the solver's groups, searched exactly by the steps above
-(:func:`~.groups.grouped_search`); for the multistep ones by :func:`~.surrogate.solver_search`, a trust-region method
+paper formula) is minimised from the paper optimum and the base. For ``dpmsolver2/3`` (groups, :mod:`.groups`) and
+``plms``/``pndm`` (windows, :mod:`.windows`) it is itself an exact chain, searched by the steps above
+(:func:`scouted_search`); for ``dpmpp_2m`` and ``deis`` by :func:`~.surrogate.solver_search`, a trust-region method
 whose models (a chain loss minimised with the steps above, and a Gauss-Newton model of the weights) are scored against
 the exact ``cpe_solver``.
 """

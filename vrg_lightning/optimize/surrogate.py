@@ -1,5 +1,5 @@
-"""The solver-aware objective of the multistep solvers (``dpmpp_2m``, ``deis``, ``plms``, ``pndm``; the singlestep
-ones are exact chains, :mod:`.groups`) by a trust-region method with two models.
+"""The solver-aware objective of ``dpmpp_2m`` and ``deis`` (the other solvers' is an exact chain: :mod:`.groups`,
+:mod:`.windows`) by a trust-region method with two models.
 
 The exact objective is ``cpe_solver(ᾱ) + penalty`` (:func:`~vrg_lightning.variance.cpe_solver`: one run of the
 solver code on a one-hot basis gives the weights of all model evaluations, ``Σ_e w_e² MSE(ℓ_e)``), evaluated with its
