@@ -118,7 +118,8 @@ def test_linear_weights_are_the_solver_code_on_any_trajectory(solver: str, n: in
         ab = make_trajectory(SCHED, base, n)
         p = propagation(solver, ab)
         s = ((1 - ab) / ab).sqrt().numpy()
-        assert np.allclose(jac @ s, p.weights.numpy(), rtol=1e-12, atol=1e-14)
+        w = p.weights.numpy()  # (J by differences: exact but for rounding, about 1e-13 of the largest weight)
+        assert np.abs(jac @ s - w).max() <= 1e-11 * np.abs(w).max()
         assert np.allclose(1 / (1 + s[ends[:, 0]] * s[ends[:, 1]]), p.alpha_bar.numpy(), rtol=1e-12, atol=0)
 
 

@@ -7,11 +7,12 @@ banded matrix, ``w = J σ``, each row spanning at most :data:`WINDOW` consecutiv
     cpe_solver = Σ_e (J_e σ)² MSE(ℓ_e),    ℓ_e = 1 / (1 + σ_a σ_b)
 
 with ``(a, b)`` a trajectory value twice or (pndm) the two ends of a step, whose logSNR midpoint it is. ``J`` and the
-levels come from the solver code itself (:func:`linear_weights`, autograd through
-:func:`~vrg_lightning.variance.propagation`, once per solver and length). :func:`window_pass` minimises the loss exactly
-over a product grid by dynamic programming whose state holds ``WINDOW - 1`` consecutive positions (``G^WINDOW`` terms a
-step), so :func:`~.search.scouted_search` searches it like the paper loss, with no model in between; its refinement
-stops at :data:`WINDOW_RESOLUTION` (with 3 positions a value, finer passes crawl along smooth valleys).
+levels come from the solver code itself (:func:`linear_weights`: differences of
+:func:`~vrg_lightning.variance.propagation`, exact by linearity, once per solver and length). :func:`window_pass`
+minimises the loss exactly over a product grid by dynamic programming whose state holds ``WINDOW - 1`` consecutive
+positions (``G^WINDOW`` terms a step), so :func:`~.search.scouted_search` searches it like the paper loss, with no
+model in between; its refinement stops at :data:`WINDOW_RESOLUTION` (with 3 positions a value, finer passes crawl along
+smooth valleys).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ LINEAR = ("plms", "pndm")  # solvers whose weights are linear in σ with a const
 WINDOW = 5  # the most consecutive values one weight and its level depend on
 WINDOW_OFFSETS = 1  # K of a window pass: 2K + 1 positions a value, (2K + 1)^WINDOW terms a step
 WINDOW_RESOLUTION = 1e-6  # its grid refinement's last scale (relative): below it, ±h moves crawl in smooth valleys
-MAX_VALUES = 200  # longer trajectories keep the trust-region search (J costs a backward pass per evaluation)
+COLOURS = 2 * WINDOW - 1  # values moved together when J is differenced
+MAX_VALUES = 200  # longer trajectories keep the trust-region search
 
 
 @functools.lru_cache(maxsize=64)
@@ -39,22 +41,43 @@ def linear_weights(solver: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``(J [M, n], ends [M, 2])`` of ``solver`` over ``n`` values (cleanest first, as ``propagation``): the weights
     are ``J σ`` and evaluation e is at ``ᾱ = 1 / (1 + σ_a σ_b)``, ``(a, b) = ends[e]``. Found on a reference
     trajectory; ``ValueError`` when the solver's weights are not of this form."""
-    sig = torch.exp(torch.linspace(-2.5, 2.5, n, dtype=torch.float64)).requires_grad_(True)  # cleanest first
-    with torch.enable_grad():
+    sig = torch.exp(torch.linspace(-2.5, 2.5, n, dtype=torch.float64))  # cleanest first
+    with torch.no_grad():
         p = propagation(solver, 1 / (1 + sig * sig))
-        jac = torch.stack([torch.autograd.grad(w, sig, retain_graph=True)[0] for w in p.weights])  # row by row
-    sig = sig.detach()
-    levels, s = p.alpha_bar.detach().numpy(), sig.numpy()
+    levels, s = p.alpha_bar.numpy(), sig.numpy()
     pairs = [(a, a) for a in range(n)] + [(a, a + 1) for a in range(n - 1)]
     cand = np.array([1 / (1 + s[a] * s[b]) for a, b in pairs])
     match = np.abs(levels[:, None] / cand[None, :] - 1)
     ends = np.array([pairs[int(k)] for k in match.argmin(1)])
+    jac = _linear_jacobian(solver, sig, p.weights, ends[:, 0])
     other = torch.exp(torch.linspace(-2.5, 2.5, n, dtype=torch.float64) ** 3 / 6.25)  # another spacing: J constant
     with torch.no_grad():
         w_other = propagation(solver, 1 / (1 + other * other)).weights
-    if not bool(torch.allclose(jac @ other, w_other, rtol=1e-10, atol=1e-14)) or match.min(1).max() > 1e-12:
+    if float((jac @ other - w_other).abs().max()) > 1e-10 * float(w_other.abs().max()) or match.min(1).max() > 1e-12:
         raise ValueError(f"solver {solver!r} has no constant linear weights in σ.")
     return jac.numpy(), ends
+
+
+def _linear_jacobian(solver: str, sig: torch.Tensor, w: torch.Tensor, at: np.ndarray) -> torch.Tensor:
+    """``J`` of weights linear in σ by differences, exact by linearity: the values :data:`COLOURS` apart are moved
+    together, and a row's weight depends on values within ``WINDOW - 1`` of its level's value ``at`` only, so
+    ``min(n, COLOURS)`` solver runs give every entry (each value is moved by a quarter of its gaps: still a
+    trajectory)."""
+    n = sig.numel()
+    gaps = torch.diff(sig)
+    delta = 0.25 * torch.minimum(torch.cat([gaps, gaps[-1:]]), torch.cat([gaps[:1], gaps])) if n > 1 else 0.25 * sig
+    colours, rows = min(n, COLOURS), np.arange(w.numel())
+    jac = torch.zeros(w.numel(), n, dtype=torch.float64)
+    for r in range(colours):
+        moved = sig.clone()
+        moved[r::colours] += delta[r::colours]
+        with torch.no_grad():
+            dw = propagation(solver, 1 / (1 + moved * moved)).weights - w
+        low = at - (WINDOW - 1)
+        col = np.full(rows.size, r) if colours == n else low + (r - low) % colours
+        ok = (col >= 0) & (col < n)
+        jac[rows[ok], col[ok]] = dw[ok] / delta[col[ok]]
+    return jac
 
 
 class WindowProblem(SearchProblem):
