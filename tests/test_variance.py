@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from vrg_lightning.schedule import NoiseSchedule
 from vrg_lightning.solvers import SOLVERS, num_evaluations, sample
+from vrg_lightning.trajectories import make_trajectory
 from vrg_lightning.variance import (
     DDIM_LIKE,
     cpe,
@@ -209,3 +211,22 @@ def test_options_reach_the_solver() -> None:
 def test_bad_input(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call(random_trajectory(6, 0))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_batch_of_trajectories_is_each_trajectory_run_alone(solver: str) -> None:
+    """``propagation`` of ``[B, n]`` (one solver run, every coefficient ``[B]``) equals B separate runs: weights,
+    levels and the start's coefficient; a bad row is refused like a bad trajectory."""
+    sched = NoiseSchedule()
+    batch = torch.stack([make_trajectory(sched, base, 9) for base in ("time_uniform", "time_quadratic", "logSNR")])
+    p = propagation(solver, batch)
+    assert p.weights.shape == p.alpha_bar.shape == (3, num_evaluations(solver, 9)) and p.x_coef.shape == (3,)
+    for k in range(3):
+        one = propagation(solver, batch[k])
+        assert torch.allclose(p.weights[k], one.weights, rtol=1e-13, atol=1e-15)
+        assert torch.allclose(p.alpha_bar[k], one.alpha_bar, rtol=1e-15, atol=0)
+        assert torch.allclose(p.x_coef[k], one.x_coef, rtol=1e-13)
+    bad = batch.clone()
+    bad[1] = bad[1].flip(0)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        propagation(solver, bad)

@@ -141,15 +141,15 @@ class _Grid:
     """
 
     def __init__(self, alpha_bar: Tensor, final_alpha_bar: float) -> None:
-        ab = alpha_bar.flip(0)
+        ab = alpha_bar.flip(0)  # [n] or [n, B] (a batch of trajectories)
         self.dev = ab.device
-        self.n = ab.numel()
+        self.n = ab.shape[0]
         self.final_zero = final_alpha_bar == 1.0
         s = alpha_bar_to_sigma(ab)
         s_end = math.sqrt((1 - final_alpha_bar) / final_alpha_bar)
         lam_end = -math.log(s_end) if s_end > 0 else math.inf
-        self.s = torch.cat([s, s.new_tensor([s_end])])
-        self.lam = torch.cat([-torch.log(s), s.new_tensor([lam_end])])
+        self.s = torch.cat([s, s.new_full((1, *s.shape[1:]), s_end)])
+        self.lam = torch.cat([-torch.log(s), s.new_full((1, *s.shape[1:]), lam_end)])
         self.ab = [*ab.unbind(0), ab.new_tensor(final_alpha_bar)]
         self.sqrt_ab = list(ab.sqrt().unbind(0))
         self.ds = list((self.s[1:] - self.s[:-1]).unbind(0))
@@ -218,7 +218,7 @@ def _singlestep(g: _Grid, order: int, lower_order_final: bool = True) -> _Run:
         i, k = g.index(hi), g.index([j - orders[j] + 1 for j in hi])
         h = g.lam[i + 1] - g.lam[k]
         rho = g.s[i + 1] / g.s[k]
-        third = torch.tensor([orders[j] == 3 for j in hi], device=g.dev)
+        third = torch.tensor([orders[j] == 3 for j in hi], device=g.dev).view(-1, *([1] * (h.dim() - 1)))
         c1 = torch.where(third, (rho - 1) / h + 1, 0.5 * (1 - rho)) * h / (g.lam[i] - g.lam[k])
         coef = dict(zip(hi, zip(rho.unbind(0), (1 - rho).unbind(0), c1.unbind(0), strict=True), strict=True))
     xt = yield None
@@ -336,10 +336,11 @@ def _pndm(g: _Grid, midpoint: Callable[[Tensor, Tensor], Tensor] | None = None) 
     ets: list[Tensor] = []
     for i in range(3):
         ab_m = mid(g.ab[i], g.ab[i + 1])
-        if not torch.is_tensor(ab_m) or ab_m.ndim != 0 or not bool((ab_m > g.ab[i]) & (ab_m < g.ab[i + 1])):
+        if not torch.is_tensor(ab_m) or ab_m.shape != g.ab[i].shape or not bool(
+                ((ab_m > g.ab[i]) & (ab_m < g.ab[i + 1])).all()):
             raise ValueError(
-                f"midpoint must return a 0-d tensor strictly between its arguments {float(g.ab[i]):.8g} and "
-                f"{float(g.ab[i + 1]):.8g}; got {ab_m!r}."
+                f"midpoint must return a 0-d tensor strictly between its arguments {float(g.ab[i].max()):.8g} and "
+                f"{float(g.ab[i + 1].min()):.8g}; got {ab_m!r}."
             )
         ab_m = ab_m.to(torch.float64)
         s0, sm, ds = g.s[i], alpha_bar_to_sigma(ab_m), g.ds[i]
@@ -386,7 +387,8 @@ class SolverRun:
     :meth:`start` takes the starting sample and returns the first model input; :meth:`send` takes ε̂ at the pending
     model input and returns the next model input or, after the last evaluation, the final sample (:attr:`done`).
     :attr:`alpha_bar` is the ᾱ of the pending evaluation (0-d float64, ``None`` when done); :attr:`index` counts the
-    evaluations made.
+    evaluations made. A 2-D ``alpha_bar`` ``[B, n]`` runs B trajectories at once (coefficients and ᾱ ``[B]``, x
+    broadcasting over its last dimension), as ``variance.propagation`` does for many trajectories.
 
     Example:
         >>> run = SolverRun("ddim", torch.tensor([0.9, 0.5], dtype=torch.float64))
@@ -399,9 +401,14 @@ class SolverRun:
 
     def __init__(self, solver: str, alpha_bar: Tensor, *, final_alpha_bar: float = 1.0, **options: Any) -> None:
         _check_options(solver, options)
-        ab = validate_trajectory(alpha_bar, "alpha_bar")
-        self.final_alpha_bar = _check_final(final_alpha_bar, ab)
-        self.solver, self.num_evaluations = solver, num_evaluations(solver, ab.numel())
+        if torch.is_tensor(alpha_bar) and alpha_bar.ndim == 2:  # a batch: coefficients [B] (x broadcasts over B)
+            ab = torch.stack([validate_trajectory(row, "alpha_bar") for row in alpha_bar])
+            self.final_alpha_bar = _check_final(final_alpha_bar, ab[:, 0].max().reshape(1))
+            ab = ab.T
+        else:
+            ab = validate_trajectory(alpha_bar, "alpha_bar")
+            self.final_alpha_bar = _check_final(final_alpha_bar, ab)
+        self.solver, self.num_evaluations = solver, num_evaluations(solver, ab.shape[0])
         self.grid = _Grid(ab, self.final_alpha_bar)
         self._gen = _IMPL[solver](self.grid, **options)
         next(self._gen)  # the preamble: orders and coefficients, before the starting sample is known

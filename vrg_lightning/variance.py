@@ -14,7 +14,7 @@ independent errors of per-dimension variance MSE(ᾱ_j) (the paper's assumption)
 
     cpe_solver = Σ_j w_j² · MSE(ᾱ_j)
 
-The weights come from running the solver code itself (``solvers.sample``) on a one-hot basis, so they
+The weights come from running the solver code itself (``solvers.SolverRun``) on a one-hot basis, so they
 are exact for that code and differentiable in the trajectory. For the solvers of :data:`DDIM_LIKE` they are
 s_{j-1} - s_j and ``cpe_solver`` equals ``cpe_paper``.
 
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .schedule import alpha_bar_to_sigma
-from .solvers import SOLVERS, EpsFn, _check_final, _check_options, num_evaluations, sample
+from .solvers import SOLVERS, EpsFn, SolverRun, _check_final, _check_options
 from .trajectories import validate_trajectory
 
 __all__ = [
@@ -139,8 +139,9 @@ class Propagation:
 def propagation(solver: str, alpha_bar: Tensor, *, final_alpha_bar: float = 1.0, **options: Any) -> Propagation:
     """Propagation weights of ``solver`` over a trajectory, by running the solver on a one-hot basis.
 
-    ``x`` is the basis vector of the start ([M+1, 1], float64) and the k-th call of ``eps_fn`` returns the
-    k-th basis vector, so the solver's output holds (w_1, ..., w_M, c). Autograd flows to ``alpha_bar``.
+    ``x`` is the basis vector of the start ([M+1, 1], float64) and the k-th model evaluation returns the k-th basis
+    vector, so the solver's output holds (w_1, ..., w_M, c). Autograd flows to ``alpha_bar``. A batch ``[B, n]`` of
+    trajectories (same length) is one run: weights and levels ``[B, M]``, ``x_coef`` ``[B]``.
 
     Example:
         >>> ab = torch.tensor([0.9, 0.5], dtype=torch.float64)
@@ -148,18 +149,20 @@ def propagation(solver: str, alpha_bar: Tensor, *, final_alpha_bar: float = 1.0,
         >>> [round(float(w), 6) for w in p.weights], round(float(p.x_coef), 6)
         ([-0.333333, -0.666667], 1.414214)
     """
-    _check_options(solver, options)
-    ab = validate_trajectory(alpha_bar, "alpha_bar")
-    m = num_evaluations(solver, ab.numel())
-    basis = torch.eye(m + 1, dtype=torch.float64, device=ab.device).unsqueeze(-1)
+    if not torch.is_tensor(alpha_bar):
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    run = SolverRun(solver, alpha_bar, final_alpha_bar=final_alpha_bar, **options)
+    m = run.num_evaluations
+    basis = torch.eye(m + 1, dtype=torch.float64, device=alpha_bar.device).unsqueeze(-1)
     levels: list[Tensor] = []
-
-    def one_hot(x: Tensor, a: Tensor) -> Tensor:
-        levels.append(a)
-        return basis[len(levels) - 1]
-
-    out = sample(solver, one_hot, basis[m], ab, final_alpha_bar=final_alpha_bar, **options)[:, 0]
-    return Propagation(weights=out[:m].flip(0), alpha_bar=torch.stack(levels).flip(0), x_coef=out[m])
+    x = run.start(basis[m])
+    while not run.done:
+        levels.append(run.alpha_bar)
+        x = run.send(basis[len(levels) - 1])
+    weights, at = x[:m].flip(0), torch.stack(levels).flip(0)
+    if alpha_bar.ndim == 1:
+        return Propagation(weights=weights[:, 0], alpha_bar=at, x_coef=x[m, 0])
+    return Propagation(weights=weights.T, alpha_bar=at.T, x_coef=x[m])
 
 
 def propagation_weights(solver: str, alpha_bar: Tensor, *, final_alpha_bar: float = 1.0, **options: Any) -> Tensor:

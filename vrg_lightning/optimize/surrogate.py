@@ -13,10 +13,10 @@ that have the exact value and gradient at ``c`` (a linear part ``g_lin·(y - c)`
   :func:`~.chain.refine`), which finds basins, kinks and joint moves. Its curvature is the paper loss's, corrected
   along the last step by a secant proximal weight ``μ``; successive steps along one direction are extrapolated.
 - the *weight model* (:class:`WeightModel`): ``Σ_e (w_e(c) + J_e·(y - c))² MSE(ℓ_e(y))``, weights linear in the
-  variables (``J`` by finite differences in the variables that can move; for long trajectories all columns at once,
-  as an evaluation's weight depends on a band of steps only, :meth:`SolverObjective.jacobians`), the MSE exact at the
-  evaluated levels
-  (the trajectory's own values; ``pndm``'s midpoints linearised): Gauss-Newton curvature, minimised by the smooth
+  variables (``J`` by finite differences in the variables that can move, in one batched solver run; for long
+  trajectories all columns at once, as an evaluation's weight depends on a band of steps only,
+  :meth:`SolverObjective.jacobians`), the MSE exact at the evaluated levels (the trajectory's own values; ``pndm``'s
+  midpoints linearised): Gauss-Newton curvature, minimised by the smooth
   phase; it converges on the smooth part.
 
 The exact objective accepts or rejects each step; the search starts with the chain model, switches to the other
@@ -68,9 +68,10 @@ class SolverObjective:
         self._seen: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
     def _trajectory(self, y: torch.Tensor) -> torch.Tensor:
+        """The trajectory of ``y`` (or of each row of ``y [K, N]``), the pinned noisiest value exact."""
         p = self.prob
         ab = p.vars.alpha_bar(y)
-        return torch.cat([ab[:-1], ab.new_tensor([p.end])]) if p.pinned and p.alpha else ab
+        return torch.cat([ab[..., :-1], torch.full_like(ab[..., -1:], p.end)], -1) if p.pinned and p.alpha else ab
 
     def _loss(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(loss, trajectory, propagation)`` at ``y`` (``None`` where the trajectory is not valid)."""
@@ -137,7 +138,7 @@ class SolverObjective:
         Jacobians in the variables, by finite differences in log ᾱ. An evaluation depends on the trajectory values
         from :data:`BAND_BEFORE` steps cleaner to :data:`BAND_AFTER` noisier than its own step only (exactly for all
         solvers but ``dpmpp_2m``, whose dependence on cleaner steps decays geometrically), so the values :data:`COLORS`
-        steps apart are perturbed together: ``min(N, COLORS)`` solver runs give every column."""
+        steps apart are perturbed together: one batched run of ``min(N, COLORS)`` trajectories gives every column."""
         p = self.prob
         w, levels = self._weights(y)
         ab = p.vars.alpha_bar_np(y[None])[0]
@@ -147,20 +148,21 @@ class SolverObjective:
         colors = min(ab.size, COLORS)
         jz, jz_levels = np.zeros((w.size, ab.size)), np.zeros((w.size, ab.size))
         rows = np.arange(w.size)
+        abk = np.repeat(ab[None], colors, 0)
         for r in range(colors):
-            moved = np.arange(r, ab.size, colors)
-            abk = ab.copy()
-            abk[moved] *= math.exp(-h)
-            with torch.no_grad():
-                prop = propagation(self.solver, torch.as_tensor(abk))
-            self.calls += 1
+            abk[r, r::colors] *= math.exp(-h)
+        with torch.no_grad():  # all colours in one batched run
+            batch = propagation(self.solver, torch.as_tensor(abk))
+        self.calls += 1
+        for r in range(colors):
+            prop_w, prop_l = batch.weights[r].numpy(), batch.alpha_bar[r].numpy()
             if colors == ab.size:  # one value moved: its column, exactly
                 col = np.full(w.size, r)
             else:  # the moved value in the band of each evaluation: BAND_AFTER noisier to colors - 1 - that cleaner
                 col = step + BAND_AFTER - (step + BAND_AFTER - r) % colors
             ok = (col >= 0) & (col < ab.size)
-            jz[rows[ok], col[ok]] = (prop.weights.numpy() - w)[ok] / -h
-            jz_levels[rows[ok], col[ok]] = (prop.alpha_bar.numpy() - levels)[ok] / -h
+            jz[rows[ok], col[ok]] = (prop_w - w)[ok] / -h
+            jz_levels[rows[ok], col[ok]] = (prop_l - levels)[ok] / -h
         if p.alpha:  # log ᾱ = cumsum(y): column k moves every value from k on
             jac, jac_levels = np.cumsum(jz[:, ::-1], 1)[:, ::-1], np.cumsum(jz_levels[:, ::-1], 1)[:, ::-1]
         else:  # y = λ: d log ᾱ / dλ = 1 - ᾱ
@@ -183,12 +185,16 @@ class SolverObjective:
             w, levels = self._weights(y)
             jac, jac_levels = np.zeros((w.size, y.size)), np.zeros((w.size, y.size))
             width = p.hi - p.lo
-            for k in cols:
-                h = FD_STEP * max(width[k], 1e-300) * (1.0 if y[k] - p.lo[k] < 0.5 * width[k] else -1.0)
-                yk = y.copy()
-                yk[k] += h
-                wk, lk = self._weights(yk)
-                jac[:, k], jac_levels[:, k] = (wk - w) / h, (lk - levels) / h
+            steps = FD_STEP * np.maximum(width[cols], 1e-300) * np.where(y[cols] - p.lo[cols] < 0.5 * width[cols],
+                                                                          1.0, -1.0)
+            if cols.size:  # every column in one batched run
+                ys = np.repeat(y[None], cols.size, 0)
+                ys[np.arange(cols.size), cols] += steps
+                with torch.no_grad():
+                    batch = propagation(self.solver, self._trajectory(torch.as_tensor(ys)))
+                self.calls += 1
+                jac[:, cols] = (batch.weights.numpy() - w).T / steps
+                jac_levels[:, cols] = (batch.alpha_bar.numpy() - levels).T / steps
         jac[:, ~free] = jac_levels[:, ~free] = 0.0
         ab = p.vars.alpha_bar_np(y[None])[0]
         step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
