@@ -37,6 +37,35 @@ def grouped(solver: str, ab: torch.Tensor, trust: str = "alpha", pin: bool = Fal
     return GroupedProblem(SearchProblem(ab, mse_fn(mode), s))
 
 
+def assert_loss_and_gradient_are_cpe_solver(prob: SearchProblem) -> None:
+    """At a random point of the box, the problem's loss and gradient are ``cpe_solver`` + penalty by autograd."""
+    rng = np.random.default_rng(prob.n)
+    y = prob.lo + (prob.hi - prob.lo) * rng.random(prob.n)  # anywhere in the box
+    f, g = prob.value_and_grad(y)
+    yt = torch.tensor(y, requires_grad=True)
+    ab = prob.vars.alpha_bar(yt)
+    ref = cpe_solver(ab, prob.mse_fn, prob.s.solver) + prob.penalty * (ab[-1] - prob.end) ** 2
+    (g_ref,) = torch.autograd.grad(ref, yt)
+    assert f == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert np.allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-11 * np.abs(g_ref.numpy()).max())
+
+
+def assert_pass_is_the_minimum_over_its_grid(prob: SearchProblem, grid_pass_fn) -> None:
+    """A pass at scale 0.02 with offsets -1, 0, 1 returns the brute-force minimum of its product grid (box and pinned
+    start kept), which is below the start point (so the grid holds a better point: the pass means something)."""
+    y, h, k = prob.y0 + 0.3 * (prob.hi - prob.y0), 0.02, 1
+    got = grid_pass_fn(prob, y, h, k=k)
+    best = np.inf
+    for c in itertools.product(range(-k, k + 1), repeat=prob.n):
+        step = h * np.array(c, dtype=float)
+        yy = y + (np.diff(step, prepend=0.0) if prob.alpha else step)
+        if (yy < prob.lo).any() or (yy > prob.hi).any() or (prob.pinned and c[-1] != 0):
+            continue
+        best = min(best, prob.loss(yy))
+    assert prob.loss(got) == pytest.approx(best, rel=1e-14)
+    assert prob.loss(got) < prob.loss(y)
+
+
 @pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 12, 13])
 def test_groups_cover_the_trajectory_as_the_solver_orders_it(order: int, n: int) -> None:
@@ -55,54 +84,14 @@ def test_groups_cover_the_trajectory_as_the_solver_orders_it(order: int, n: int)
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 10, 40])
 @pytest.mark.parametrize("trust", ["alpha", "logsnr"])
 def test_grouped_loss_and_gradient_are_cpe_solver(solver: str, n: int, trust: str) -> None:
-    prob = grouped(solver, make_trajectory(SCHED, "time_quadratic", n), trust)
-    rng = np.random.default_rng(n)
-    y = prob.lo + (prob.hi - prob.lo) * rng.random(n)  # anywhere in the box
-    f, g = prob.value_and_grad(y)
-    yt = torch.tensor(y, requires_grad=True)
-    ab = prob.vars.alpha_bar(yt)
-    ref = cpe_solver(ab, prob.mse_fn, solver) + prob.penalty * (ab[-1] - prob.end) ** 2
-    (g_ref,) = torch.autograd.grad(ref, yt)
-    assert f == pytest.approx(float(ref.detach()), rel=1e-12)
-    assert np.allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-11 * np.abs(g_ref.numpy()).max())
+    assert_loss_and_gradient_are_cpe_solver(grouped(solver, make_trajectory(SCHED, "time_quadratic", n), trust))
 
 
 @pytest.mark.parametrize("solver", sorted(GROUPED))
 @pytest.mark.parametrize("trust, pin", [("alpha", False), ("alpha", True), ("logsnr", False)])
 def test_group_pass_is_the_minimum_over_its_grid(solver: str, trust: str, pin: bool) -> None:
-    prob = grouped(solver, make_trajectory(SCHED, "logSNR", 6), trust, pin)
-    y, h, k = prob.y0 + 0.3 * (prob.hi - prob.y0), 0.02, 1
-    got = group_pass(prob, y, h, k=k)
-    best = np.inf
-    for c in itertools.product(range(-k, k + 1), repeat=prob.n):
-        step = h * np.array(c, dtype=float)
-        yy = y + (np.diff(step, prepend=0.0) if prob.alpha else step)
-        if (yy < prob.lo).any() or (yy > prob.hi).any() or (pin and c[-1] != 0):
-            continue
-        best = min(best, prob.loss(yy))
-    assert prob.loss(got) == pytest.approx(best, rel=1e-14)
-    assert prob.loss(got) < prob.loss(y)  # (the grid holds a better point: the pass means something)
-
-
-@pytest.mark.parametrize("solver", sorted(GROUPED))
-def test_singlestep_result_is_a_grid_minimum_of_cpe_solver(solver: str) -> None:
-    """The optimizer's trajectory for a singlestep solver: no grouped grid pass at several scales improves the exact
-    loss (nor does the paper objective's chain pass applied to it), and it is below the base and the paper optimum."""
-    base = make_trajectory(SCHED, "time_quadratic", 12)
-    mse = mse_fn()
-    s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver=solver)
-    r = optimize_trajectory(base, mse, s)
-    paper = optimize_trajectory(base, mse, OptimizeSettings(lp=0.05, mse_mode="paper"))
-    prob = GroupedProblem(SearchProblem(base, mse, s))
-    y = prob.feasible(prob.vars.from_alpha_bar(r.alpha_bar))
-    f = prob.loss(y)
-    assert f == pytest.approx(r.loss, rel=1e-12)
-    assert r.cpe_after == pytest.approx(float(cpe_solver(r.alpha_bar, mse, solver)), rel=1e-12)
-    assert r.loss < prob.loss(prob.feasible(prob.vars.from_alpha_bar(paper.alpha_bar))) < r.loss_before
-    for h in (1e-2, 1e-4, 1e-6):
-        assert prob.loss(group_pass(prob, y, h)) >= f * (1 - 1e-12)
-    chain = SearchProblem(base, mse, s)  # the paper terms' pass proposes other joint moves; none helps the exact loss
-    assert prob.loss(grid_pass(chain, y, 1e-4)) >= f * (1 - 1e-12)
+    assert_pass_is_the_minimum_over_its_grid(grouped(solver, make_trajectory(SCHED, "logSNR", 6), trust, pin),
+                                             group_pass)
 
 
 def windowed(solver: str, ab: torch.Tensor, trust: str = "alpha", pin: bool = False) -> WindowProblem:
@@ -133,48 +122,36 @@ def test_solvers_whose_weights_are_not_linear_are_refused(solver: str) -> None:
 @pytest.mark.parametrize("n", [4, 6, 10, 40])
 @pytest.mark.parametrize("trust", ["alpha", "logsnr"])
 def test_window_loss_and_gradient_are_cpe_solver(solver: str, n: int, trust: str) -> None:
-    prob = windowed(solver, make_trajectory(SCHED, "time_quadratic", n), trust)
-    rng = np.random.default_rng(n)
-    y = prob.lo + (prob.hi - prob.lo) * rng.random(n)
-    f, g = prob.value_and_grad(y)
-    yt = torch.tensor(y, requires_grad=True)
-    ab = prob.vars.alpha_bar(yt)
-    ref = cpe_solver(ab, prob.mse_fn, solver) + prob.penalty * (ab[-1] - prob.end) ** 2
-    (g_ref,) = torch.autograd.grad(ref, yt)
-    assert f == pytest.approx(float(ref.detach()), rel=1e-12)
-    assert np.allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-11 * np.abs(g_ref.numpy()).max())
+    assert_loss_and_gradient_are_cpe_solver(windowed(solver, make_trajectory(SCHED, "time_quadratic", n), trust))
 
 
 @pytest.mark.parametrize("solver", LINEAR)
 @pytest.mark.parametrize("n, trust, pin", [(6, "alpha", False), (6, "alpha", True), (6, "logsnr", False),
                                            (4, "alpha", False)])
 def test_window_pass_is_the_minimum_over_its_grid(solver: str, n: int, trust: str, pin: bool) -> None:
-    prob = windowed(solver, make_trajectory(SCHED, "logSNR", n), trust, pin)
-    y, h, k = prob.y0 + 0.3 * (prob.hi - prob.y0), 0.02, 1
-    got = window_pass(prob, y, h, k=k)
-    best = np.inf
-    for c in itertools.product(range(-k, k + 1), repeat=prob.n):
-        step = h * np.array(c, dtype=float)
-        yy = y + (np.diff(step, prepend=0.0) if prob.alpha else step)
-        if (yy < prob.lo).any() or (yy > prob.hi).any() or (pin and c[-1] != 0):
-            continue
-        best = min(best, prob.loss(yy))
-    assert prob.loss(got) == pytest.approx(best, rel=1e-14)
-    assert prob.loss(got) < prob.loss(y)
+    assert_pass_is_the_minimum_over_its_grid(windowed(solver, make_trajectory(SCHED, "logSNR", n), trust, pin),
+                                             window_pass)
 
 
-@pytest.mark.parametrize("solver", LINEAR)
-def test_linear_multistep_result_is_a_grid_minimum_of_cpe_solver(solver: str) -> None:
+@pytest.mark.parametrize("solver, exact, grid_pass_fn, scales", [
+    *((s, GroupedProblem, group_pass, (1e-2, 1e-4, 1e-6)) for s in sorted(GROUPED)),
+    *((s, WindowProblem, window_pass, (1e-2, 1e-4, 10 * WINDOW_RESOLUTION)) for s in LINEAR)])
+def test_exact_chain_result_is_a_grid_minimum_of_cpe_solver(solver: str, exact, grid_pass_fn, scales) -> None:
+    """The optimizer's trajectory for a solver with an exact chain: no pass of that chain at several scales (down to
+    its resolution) improves the exact loss (nor does the paper objective's chain pass applied to it), and it is below
+    the base and the paper optimum."""
     base = make_trajectory(SCHED, "time_quadratic", 12)
     mse = mse_fn()
     s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver=solver)
     r = optimize_trajectory(base, mse, s)
     paper = optimize_trajectory(base, mse, OptimizeSettings(lp=0.05, mse_mode="paper"))
-    prob = WindowProblem(SearchProblem(base, mse, s))
+    prob = exact(SearchProblem(base, mse, s))
     y = prob.feasible(prob.vars.from_alpha_bar(r.alpha_bar))
     f = prob.loss(y)
     assert f == pytest.approx(r.loss, rel=1e-12)
     assert r.cpe_after == pytest.approx(float(cpe_solver(r.alpha_bar, mse, solver)), rel=1e-12)
     assert r.loss < prob.loss(prob.feasible(prob.vars.from_alpha_bar(paper.alpha_bar))) < r.loss_before
-    for h in (1e-2, 1e-4, 10 * WINDOW_RESOLUTION):
-        assert prob.loss(window_pass(prob, y, h)) >= f * (1 - 1e-12)
+    for h in scales:
+        assert prob.loss(grid_pass_fn(prob, y, h)) >= f * (1 - 1e-12)
+    chain = SearchProblem(base, mse, s)  # the paper terms' pass proposes other joint moves; none helps the exact loss
+    assert prob.loss(grid_pass(chain, y, 1e-4)) >= f * (1 - 1e-12)

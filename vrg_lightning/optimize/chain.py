@@ -20,7 +20,7 @@ import numpy as np
 
 from .problem import RESOLUTION, SearchProblem, pair_terms
 
-__all__ = ["OFFSETS", "SHRINK", "RESOLUTION", "MAX_PASSES", "refine", "grid_pass", "global_start"]
+__all__ = ["OFFSETS", "SHRINK", "RESOLUTION", "MAX_PASSES", "refine", "grid_pass", "moved", "global_start"]
 
 OFFSETS = 4  # K: a pass offers 2K + 1 positions per step
 SHRINK = 4.0  # the scale shrinks by this factor when a pass finds nothing better
@@ -58,6 +58,11 @@ def _transitions(prob: SearchProblem, y: np.ndarray, h: float, ks: np.ndarray, o
     allowed &= (link >= lo[1:, None, None]) & (link <= hi[1:, None, None])
     link0 = y[0] + h * ks
     return allowed, ok[0] & (link0 >= lo[0]) & (link0 <= hi[0])
+
+
+def moved(prob: SearchProblem, y: np.ndarray, step: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The variables after moving every step's coordinate ``z_i`` by ``step_i`` (a grid pass's result), in the box."""
+    return np.clip(y + (np.diff(step, prepend=0.0) if prob.alpha else step), lo, hi)
 
 
 def grid_pass(prob: SearchProblem, y: np.ndarray, h: float, lo: np.ndarray | None = None,
@@ -108,8 +113,7 @@ def grid_pass(prob: SearchProblem, y: np.ndarray, h: float, lo: np.ndarray | Non
     for i in range(n - 2, -1, -1):
         idx[i] = back[i, idx[i + 1]]
     prob.evals += ks.size**2  # N·G² terms: G² trajectories' worth
-    step = h * ks[idx]
-    return np.clip(y + (np.diff(step, prepend=0.0) if prob.alpha else step), lo, hi)
+    return moved(prob, y, h * ks[idx], lo, hi)
 
 
 def refine(prob: SearchProblem, y: np.ndarray, f: float, lo: np.ndarray | None = None, hi: np.ndarray | None = None,

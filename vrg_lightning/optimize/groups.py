@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..solvers import _singlestep_orders
-from .chain import OFFSETS, _nodes, _transitions
+from .chain import OFFSETS, _nodes, _transitions, moved
 from .problem import SearchProblem
 
 __all__ = ["GROUPED", "group_runs", "group_weights", "GroupedProblem", "group_pass"]
@@ -64,8 +64,7 @@ class GroupedProblem(SearchProblem):
     start and penalty; its terms are the groups' (module docstring) and :func:`group_pass` is its grid pass."""
 
     def __init__(self, prob: SearchProblem) -> None:
-        super().__init__(prob.ab0, prob.mse_fn, prob.s)
-        self.deadline = prob.deadline
+        super().__init__(prob.ab0, prob.mse_fn, prob.s, prob.deadline)
         self.runs = group_runs(self.n, GROUPED[prob.s.solver])
         by_length: dict[int, list[int]] = {}
         for a, length in self.runs:
@@ -157,5 +156,4 @@ def group_pass(prob: GroupedProblem, y: np.ndarray, h: float, lo: np.ndarray | N
     for (a, length), j in zip(prob.runs[:0:-1], back[::-1], strict=True):
         idx[a:a + length] = np.unravel_index(j[idx[a + length]], [g] * length)
     prob.evals += g * g
-    step = h * ks[idx]
-    return np.clip(y + (np.diff(step, prepend=0.0) if prob.alpha else step), lo, hi)
+    return moved(prob, y, h * ks[idx], lo, hi)

@@ -101,6 +101,7 @@ class SearchProblem:
         base_alpha_bar: the base trajectory (float64, cleanest first).
         mse_fn: MSE(ᾱ) (torch callable; its numpy form from :func:`numpy_mse`).
         settings: the trust region, penalty and start of :class:`~.settings.OptimizeSettings`.
+        deadline: a :class:`Deadline` to share (that of the problem a model is built from); default none.
 
     Attributes:
         vars: the :class:`~.variables.Variables`; ``alpha``, ``lo``, ``hi``, ``y0`` are its.
@@ -110,7 +111,8 @@ class SearchProblem:
         deadline: the :class:`Deadline` of the searches (shared with the models built from the problem).
     """
 
-    def __init__(self, base_alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings) -> None:
+    def __init__(self, base_alpha_bar: Tensor, mse_fn: MSEFn, settings: OptimizeSettings,
+                 deadline: Deadline | None = None) -> None:
         self.ab0, self.mse_fn, self.s = base_alpha_bar, mse_fn, settings
         self.n = base_alpha_bar.numel()
         self.vars = v = Variables(base_alpha_bar, settings)
@@ -123,7 +125,7 @@ class SearchProblem:
         self.lin: np.ndarray | None = None
         self.mu, self.center = 0.0, None
         self.evals = 0
-        self.deadline = Deadline()
+        self.deadline = Deadline() if deadline is None else deadline
         self.resolution = RESOLUTION
 
     def expired(self) -> bool:

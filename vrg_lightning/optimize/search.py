@@ -286,8 +286,7 @@ def optimize_trajectory(
     ab0, settings = _check_inputs(alpha_bar, mse_fn, settings)
     start = time.perf_counter()
     cpe0, loss0 = trajectory_loss(ab0, ab0, mse_fn, settings)
-    prob = SearchProblem(ab0, mse_fn, settings)
-    prob.deadline = Deadline(deadline)
+    prob = SearchProblem(ab0, mse_fn, settings, Deadline(deadline))
     evals, aware = 0, solver_aware(settings)
     if resume is not None:
         y, rounds = _resume_point(prob, ab0, resume), 0

@@ -126,8 +126,7 @@ class SolverObjective:
         r = np.zeros(p.n)
         np.add.at(r, step[on], w[on] ** 2)
         s = np.sqrt((1 - ab) / ab)
-        model = SearchProblem(p.ab0, p.mse_fn, p.s)
-        model.deadline = p.deadline
+        model = SearchProblem(p.ab0, p.mse_fn, p.s, p.deadline)
         model.quad = paper_quad(p.n, r / np.diff(s, prepend=0.0) ** 2)
         model.lin, model.center = None, y.copy()
         model.lin = g - model.value_and_grad(y)[1]
@@ -210,8 +209,7 @@ class WeightModel(SearchProblem):
 
     def __init__(self, prob: SearchProblem, w: np.ndarray, jac: np.ndarray, center: np.ndarray, step: np.ndarray,
                  on: np.ndarray, levels: np.ndarray, jac_levels: np.ndarray) -> None:
-        super().__init__(prob.ab0, prob.mse_fn, prob.s)
-        self.deadline = prob.deadline  # (the problem's: its searches stop with the problem's)
+        super().__init__(prob.ab0, prob.mse_fn, prob.s, prob.deadline)  # (its searches stop with the problem's)
         self.w, self.jac, self.center, self.step, self.on = w, jac, center, step, on
         self.levels, self.jac_levels = levels, jac_levels
         self.scatter = np.zeros((w.size, self.n))  # evaluation -> its step, for those on the trajectory

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..variance import propagation
-from .chain import _nodes, _transitions
+from .chain import _nodes, _transitions, moved
 from .problem import SearchProblem
 
 __all__ = ["LINEAR", "WINDOW", "linear_weights", "WindowProblem", "window_pass"]
@@ -85,8 +85,7 @@ class WindowProblem(SearchProblem):
     penalty; its terms are ``(J_e σ)² MSE(ℓ_e)`` (module docstring) and :func:`window_pass` is its grid pass."""
 
     def __init__(self, prob: SearchProblem) -> None:
-        super().__init__(prob.ab0, prob.mse_fn, prob.s)
-        self.deadline = prob.deadline
+        super().__init__(prob.ab0, prob.mse_fn, prob.s, prob.deadline)
         self.resolution = WINDOW_RESOLUTION
         self.jac, self.ends = linear_weights(prob.s.solver, self.n)
         cols = [np.flatnonzero(row) for row in self.jac]
@@ -176,5 +175,4 @@ def window_pass(prob: WindowProblem, y: np.ndarray, h: float, lo: np.ndarray | N
         idx[t] = state % g
         state = int(back[t][state]) * g ** (pad - 1) + state // g
     prob.evals += g**wd
-    step = h * ks[idx]
-    return np.clip(y + (np.diff(step, prepend=0.0) if prob.alpha else step), lo, hi)
+    return moved(prob, y, h * ks[idx], lo, hi)
