@@ -1,4 +1,5 @@
-"""Shared test code: the tiny UNet, the published reference data, a tiny sampling checkpoint.
+"""Shared test code: the tiny UNet, the published reference data, a tiny sampling checkpoint, an error profile and
+the check of an optimizer problem against ``cpe_solver``.
 
 Imported by the tests as ``helpers`` (pytest puts ``tests/`` on ``sys.path``); fixtures built from it are in
 ``conftest.py``. Runnable as a script for the device checks: ``python tests/helpers.py OUT_DIR`` writes
@@ -15,12 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 import torch
 
 from vrg_lightning.checkpoint import build_vrg_state, model_section
 from vrg_lightning.denoiser import DIGITS_UNET, Denoiser
 from vrg_lightning.profile import ErrorProfile
+from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.trajectories import make_trajectory
+from vrg_lightning.variance import cpe_solver
 
 _CANDIDATES = [
     os.environ.get("VRG_REFERENCE_DIR", ""),
@@ -73,6 +78,26 @@ def make_reference(path: str | Path, num: int = 64) -> Path:
 
     torch.save(load_real_images("digits", num), path)
     return Path(path)
+
+
+def profile_mse(mode: str = "paper"):
+    """A smooth error profile on every 10th timestep of the default schedule, as the optimizer uses it (``mode``)."""
+    ab = NoiseSchedule().alphas_cumprod[::10]
+    return ErrorProfile.from_table(ab, 0.6 * torch.sigmoid((alpha_bar_to_lambda(ab) - 2) / 1.2) + 1e-3).mse_function(
+        mode)
+
+
+def assert_loss_and_gradient_are_cpe_solver(prob: Any) -> None:
+    """At a random point of the box, the problem's loss and gradient are ``cpe_solver`` + penalty by autograd."""
+    rng = np.random.default_rng(prob.n)
+    y = prob.lo + (prob.hi - prob.lo) * rng.random(prob.n)  # anywhere in the box
+    f, g = prob.value_and_grad(y)
+    yt = torch.tensor(y, requires_grad=True)
+    ab = prob.vars.alpha_bar(yt)
+    ref = cpe_solver(ab, prob.mse_fn, prob.s.solver) + prob.penalty * (ab[-1] - prob.end) ** 2
+    (g_ref,) = torch.autograd.grad(ref, yt)
+    assert f == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert np.allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-11 * np.abs(g_ref.numpy()).max())
 
 
 if __name__ == "__main__":

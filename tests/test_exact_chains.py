@@ -11,13 +11,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import assert_loss_and_gradient_are_cpe_solver, profile_mse
 
 from vrg_lightning.optimize import OptimizeSettings, SearchProblem, optimize_trajectory
 from vrg_lightning.optimize.chain import grid_pass
 from vrg_lightning.optimize.groups import GROUPED, GroupedProblem, group_pass, group_runs
 from vrg_lightning.optimize.windows import LINEAR, WINDOW_RESOLUTION, WindowProblem, linear_weights, window_pass
-from vrg_lightning.profile import ErrorProfile
-from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
+from vrg_lightning.schedule import NoiseSchedule
 from vrg_lightning.solvers import _singlestep_orders
 from vrg_lightning.trajectories import make_trajectory
 from vrg_lightning.variance import cpe_solver, propagation
@@ -25,29 +25,10 @@ from vrg_lightning.variance import cpe_solver, propagation
 SCHED = NoiseSchedule()
 
 
-def mse_fn(mode: str = "paper"):
-    ab = SCHED.alphas_cumprod[::10]
-    return ErrorProfile.from_table(ab, 0.6 * torch.sigmoid((alpha_bar_to_lambda(ab) - 2) / 1.2) + 1e-3).mse_function(
-        mode)
-
-
 def grouped(solver: str, ab: torch.Tensor, trust: str = "alpha", pin: bool = False, lp: float = 0.05,
             mode: str = "paper") -> GroupedProblem:
     s = OptimizeSettings(lp=lp, mse_mode=mode, objective="solver", solver=solver, trust=trust, pin_start=pin)
-    return GroupedProblem(SearchProblem(ab, mse_fn(mode), s))
-
-
-def assert_loss_and_gradient_are_cpe_solver(prob: SearchProblem) -> None:
-    """At a random point of the box, the problem's loss and gradient are ``cpe_solver`` + penalty by autograd."""
-    rng = np.random.default_rng(prob.n)
-    y = prob.lo + (prob.hi - prob.lo) * rng.random(prob.n)  # anywhere in the box
-    f, g = prob.value_and_grad(y)
-    yt = torch.tensor(y, requires_grad=True)
-    ab = prob.vars.alpha_bar(yt)
-    ref = cpe_solver(ab, prob.mse_fn, prob.s.solver) + prob.penalty * (ab[-1] - prob.end) ** 2
-    (g_ref,) = torch.autograd.grad(ref, yt)
-    assert f == pytest.approx(float(ref.detach()), rel=1e-12)
-    assert np.allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-11 * np.abs(g_ref.numpy()).max())
+    return GroupedProblem(SearchProblem(ab, profile_mse(mode), s))
 
 
 def assert_pass_is_the_minimum_over_its_grid(prob: SearchProblem, grid_pass_fn) -> None:
@@ -96,7 +77,7 @@ def test_group_pass_is_the_minimum_over_its_grid(solver: str, trust: str, pin: b
 
 def windowed(solver: str, ab: torch.Tensor, trust: str = "alpha", pin: bool = False) -> WindowProblem:
     s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver=solver, trust=trust, pin_start=pin)
-    return WindowProblem(SearchProblem(ab, mse_fn(), s))
+    return WindowProblem(SearchProblem(ab, profile_mse(), s))
 
 
 @pytest.mark.parametrize("solver", LINEAR)
@@ -141,7 +122,7 @@ def test_exact_chain_result_is_a_grid_minimum_of_cpe_solver(solver: str, exact, 
     its resolution) improves the exact loss (nor does the paper objective's chain pass applied to it), and it is below
     the base and the paper optimum."""
     base = make_trajectory(SCHED, "time_quadratic", 12)
-    mse = mse_fn()
+    mse = profile_mse()
     s = OptimizeSettings(lp=0.05, mse_mode="paper", objective="solver", solver=solver)
     r = optimize_trajectory(base, mse, s)
     paper = optimize_trajectory(base, mse, OptimizeSettings(lp=0.05, mse_mode="paper"))

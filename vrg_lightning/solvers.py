@@ -65,7 +65,10 @@ from torch import Tensor
 from .schedule import alpha_bar_to_sigma
 from .trajectories import validate_trajectory
 
-__all__ = ["SOLVERS", "EpsFn", "SolverRun", "sample", "num_evaluations", "solver_options"]
+__all__ = [
+    "SOLVERS", "EpsFn", "SolverRun", "sample", "num_evaluations", "solver_options", "dpmpp_2m_coefficients",
+    "deis_coefficients",
+]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -234,6 +237,15 @@ def _singlestep(g: _Grid, order: int, lower_order_final: bool = True) -> _Run:
     return xt
 
 
+def dpmpp_2m_coefficients(s_next: Any, s: Any, h: Any, h_prev: Any) -> tuple[Any, Any, Any]:
+    """``(ρ, a, b)`` of a second-order DPM-Solver++(2M) step, ``x̃ ← ρ x̃ + a x̂₀_i + b x̂₀_{i-1}``, from σ_{i+1}, σ_i,
+    h = λ_{i+1} - λ_i and h_prev = λ_i - λ_{i-1} (arithmetic only, so tensors or numpy arrays alike; shared by
+    :func:`_dpmpp_2m` and the optimizer's fast path). ``ρ + a + b = 1``."""
+    rho = s_next / s
+    half_q = 0.5 * h / h_prev
+    return rho, (1 - rho) * (1 + half_q), -(1 - rho) * half_q
+
+
 def _dpmpp_2m(g: _Grid, lower_order_final: bool = True) -> _Run:
     """DPM-Solver++(2M), arXiv 2211.01095 Alg. 2 (midpoint form of diffusers).
 
@@ -244,9 +256,7 @@ def _dpmpp_2m(g: _Grid, lower_order_final: bool = True) -> _Run:
     hi = [i for i, o in enumerate(orders) if o > 1]
     if hi:  # x̃ ← ρ x̃ + a x̂₀_i + b x̂₀_{i-1}
         i = g.index(hi)
-        rho = g.s[i + 1] / g.s[i]
-        half_q = 0.5 * (g.lam[i + 1] - g.lam[i]) / (g.lam[i] - g.lam[i - 1])
-        a, b = (1 - rho) * (1 + half_q), -(1 - rho) * half_q
+        rho, a, b = dpmpp_2m_coefficients(g.s[i + 1], g.s[i], g.lam[i + 1] - g.lam[i], g.lam[i] - g.lam[i - 1])
         coef = dict(zip(hi, zip(rho.unbind(0), a.unbind(0), b.unbind(0), strict=True), strict=True))
     xt = yield None
     d_prev = xt
@@ -262,22 +272,29 @@ def _dpmpp_2m(g: _Grid, lower_order_final: bool = True) -> _Run:
     return xt
 
 
-def _deis_coefs(g: _Grid, steps: list[int], o: int) -> dict[int, tuple[Tensor, ...]]:
-    """∫_{σ_i}^{σ_{i+1}} ℓ_j(log ρ) dρ, ℓ_j the Lagrange basis over log σ_i, ..., log σ_{i-o+1}, for many steps i."""
-    i = g.index(steps)
-    u = [-g.lam[i - j] for j in range(o)]  # log σ of the nodes, newest first
-    ends = ((g.s[i + 1], -g.lam[i + 1]), (g.s[i], u[0]))
+def deis_coefficients(s_next: Any, log_next: Any, nodes: list[Any], s_node: Any) -> list[Any]:
+    """``c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(log ρ) dρ``, ℓ_j the Lagrange basis over the nodes ``log σ_i, ..., log σ_{i-o+1}``
+    (``nodes``, newest first, o = 2 or 3; ``s_node`` = σ_i): the tAB-DEIS coefficients of one step (arithmetic only,
+    so tensors or numpy arrays alike, broadcast; shared by :func:`_deis` and the optimizer's fast path)."""
+    ends = ((s_next, log_next), (s_node, nodes[0]))
     coefs = []
-    for j in range(o):
-        c = [u[k] for k in range(o) if k != j]
-        if o == 2:  # ∫ (v - c) dρ = ρ (v - c - 1),  v = log ρ
+    for j in range(len(nodes)):
+        c = [u for k, u in enumerate(nodes) if k != j]
+        if len(nodes) == 2:  # ∫ (v - c) dρ = ρ (v - c - 1),  v = log ρ
             f = [r * (v - c[0] - 1) for r, v in ends]
-            den = u[j] - c[0]
+            den = nodes[j] - c[0]
         else:  # ∫ (v - c)(v - d) dρ = ρ (v² - 2v + 2 - (c + d)(v - 1) + c d)
             f = [r * (v * v - 2 * v + 2 - (c[0] + c[1]) * (v - 1) + c[0] * c[1]) for r, v in ends]
-            den = (u[j] - c[0]) * (u[j] - c[1])
-        coefs.append(((f[0] - f[1]) / den).unbind(0))
-    return dict(zip(steps, zip(*coefs, strict=True), strict=True))
+            den = (nodes[j] - c[0]) * (nodes[j] - c[1])
+        coefs.append((f[0] - f[1]) / den)
+    return coefs
+
+
+def _deis_coefs(g: _Grid, steps: list[int], o: int) -> dict[int, tuple[Tensor, ...]]:
+    """:func:`deis_coefficients` of many steps ``i`` of order ``o`` at once."""
+    i = g.index(steps)
+    coefs = deis_coefficients(g.s[i + 1], -g.lam[i + 1], [-g.lam[i - j] for j in range(o)], g.s[i])
+    return dict(zip(steps, zip(*(c.unbind(0) for c in coefs), strict=True), strict=True))
 
 
 def _deis(g: _Grid, order: int = 3, lower_order_final: bool = True) -> _Run:

@@ -35,6 +35,7 @@ import torch
 
 from ..variance import propagation
 from .chain import OFFSETS, refine
+from .multistep import MULTISTEP, MultistepProblem, multistep_weights
 from .problem import SearchProblem, paper_quad
 
 __all__ = ["ALIGNED", "SCOUT_ITERS", "SolverObjective", "WeightModel", "solver_search", "descend"]
@@ -65,6 +66,7 @@ class SolverObjective:
 
     def __init__(self, prob: SearchProblem) -> None:
         self.prob, self.solver, self.calls = prob, prob.s.solver, 0
+        self.fast = MultistepProblem(prob) if self.solver in MULTISTEP else None  # closed form (tested equal)
         self._seen: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
     def _trajectory(self, y: torch.Tensor) -> torch.Tensor:
@@ -72,6 +74,29 @@ class SolverObjective:
         p = self.prob
         ab = p.vars.alpha_bar(y)
         return torch.cat([ab[..., :-1], torch.full_like(ab[..., -1:], p.end)], -1) if p.pinned and p.alpha else ab
+
+    def _trajectory_np(self, ys: np.ndarray) -> np.ndarray:
+        """:meth:`_trajectory` of rows ``ys [K, N]`` in numpy."""
+        p = self.prob
+        ab = p.vars.alpha_bar_np(ys)
+        if p.pinned and p.alpha:
+            ab[:, -1] = p.end
+        return ab
+
+    def _run(self, ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(weights, levels)`` ``[K, M]`` of trajectories ``ab [K, N]``: the closed form where there is one, else
+        one batched :func:`~vrg_lightning.variance.propagation`."""
+        self.calls += 1
+        if self.fast is not None:
+            with np.errstate(all="ignore"):
+                return multistep_weights(self.solver, ab), ab
+        with torch.no_grad():
+            prop = propagation(self.solver, torch.as_tensor(ab))
+        return prop.weights.numpy(), prop.alpha_bar.numpy()
+
+    def _fast_valid(self, y: np.ndarray) -> bool:
+        ab = self._trajectory_np(y[None])[0]
+        return bool((ab[1:] < ab[:-1]).all() and (ab > 0).all() and (ab < 1).all())
 
     def _loss(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(loss, trajectory, propagation)`` at ``y`` (``None`` where the trajectory is not valid)."""
@@ -89,6 +114,9 @@ class SolverObjective:
 
     def at(self, y: np.ndarray) -> tuple[float, np.ndarray]:
         """``(loss, d loss/dy)`` at ``y`` (``inf`` where the trajectory is not valid)."""
+        if self.fast is not None:
+            self.calls += 1
+            return self.fast.value_and_grad(y) if self._fast_valid(y) else (math.inf, np.zeros_like(y))
         yt = torch.tensor(y, dtype=torch.float64, requires_grad=True)
         with torch.enable_grad():
             out = self._loss(yt)
@@ -100,6 +128,9 @@ class SolverObjective:
 
     def value(self, y: np.ndarray) -> float:
         """The loss at ``y`` without its gradient (``inf`` where the trajectory is not valid)."""
+        if self.fast is not None:
+            self.calls += 1
+            return self.fast.loss(y) if self._fast_valid(y) else math.inf
         with torch.no_grad():
             out = self._loss(torch.as_tensor(y, dtype=torch.float64))
         f = math.inf if out is None else float(out[0])
@@ -109,10 +140,8 @@ class SolverObjective:
         """``(w_e, ᾱ_e)`` of every evaluation at ``y``, without gradients (the last evaluated point's are kept)."""
         if self._seen is not None and self._seen[0] == y.tobytes():
             return self._seen[1], self._seen[2]
-        with torch.no_grad():
-            prop = propagation(self.solver, self._trajectory(torch.as_tensor(y, dtype=torch.float64)))
-        self.calls += 1
-        return prop.weights.numpy(), prop.alpha_bar.numpy()
+        w, levels = self._run(self._trajectory_np(y[None]))
+        return w[0], levels[0]
 
     def chain_model(self, y: np.ndarray, g: np.ndarray) -> SearchProblem:
         """The chain model at ``y``: the paper terms, each weighted by ``r_i = Σ_e w_e² / (s_i - s_{i-1})²`` over the
@@ -150,11 +179,9 @@ class SolverObjective:
         abk = np.repeat(ab[None], colors, 0)
         for r in range(colors):
             abk[r, r::colors] *= math.exp(-h)
-        with torch.no_grad():  # all colours in one batched run
-            batch = propagation(self.solver, torch.as_tensor(abk))
-        self.calls += 1
+        batch_w, batch_l = self._run(abk)  # all colours in one batched run
         for r in range(colors):
-            prop_w, prop_l = batch.weights[r].numpy(), batch.alpha_bar[r].numpy()
+            prop_w, prop_l = batch_w[r], batch_l[r]
             if colors == ab.size:  # one value moved: its column, exactly
                 col = np.full(w.size, r)
             else:  # the moved value in the band of each evaluation: BAND_AFTER noisier to colors - 1 - that cleaner
@@ -189,11 +216,9 @@ class SolverObjective:
             if cols.size:  # every column in one batched run
                 ys = np.repeat(y[None], cols.size, 0)
                 ys[np.arange(cols.size), cols] += steps
-                with torch.no_grad():
-                    batch = propagation(self.solver, self._trajectory(torch.as_tensor(ys)))
-                self.calls += 1
-                jac[:, cols] = (batch.weights.numpy() - w).T / steps
-                jac_levels[:, cols] = (batch.alpha_bar.numpy() - levels).T / steps
+                batch_w, batch_l = self._run(self._trajectory_np(ys))
+                jac[:, cols] = (batch_w - w).T / steps
+                jac_levels[:, cols] = (batch_l - levels).T / steps
         jac[:, ~free] = jac_levels[:, ~free] = 0.0
         ab = p.vars.alpha_bar_np(y[None])[0]
         step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
