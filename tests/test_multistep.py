@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import assert_loss_and_gradient_are_cpe_solver, profile_mse
 
 from vrg_lightning.optimize import OptimizeSettings, SearchProblem
