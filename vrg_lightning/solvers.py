@@ -48,7 +48,8 @@ Options and lower-order rules (they reproduce diffusers 0.42 on trajectories it 
   midpoint (default: the logSNR midpoint σ = √(σ_a σ_b); diffusers uses the integer timestep midway).
   The pseudo linear multistep coefficients are the constant Adams-Bashforth ones, as in the paper and diffusers.
 
-All formulas are differentiable in ``alpha_bar`` (no ``.item()`` in the arithmetic); x may be any float dtype on
+All formulas are differentiable in ``alpha_bar`` (no ``.item()`` in the arithmetic; the multistep coefficient
+functions are arithmetic only, shared with the optimizer's numpy fast path); x may be any float dtype on
 any device (coefficients are 0-d float64 tensors on the trajectory's device, so x keeps its dtype). ``sample`` does
 not change the grad mode: wrap it in ``torch.no_grad()`` for sampling.
 """
@@ -65,10 +66,8 @@ from torch import Tensor
 from .schedule import alpha_bar_to_sigma
 from .trajectories import validate_trajectory
 
-__all__ = [
-    "SOLVERS", "EpsFn", "SolverRun", "sample", "num_evaluations", "solver_options", "dpmpp_2m_coefficients",
-    "deis_coefficients",
-]
+__all__ = ["SOLVERS", "EpsFn", "SolverRun", "sample", "num_evaluations", "solver_options", "dpmpp_2m_coefficients",
+           "deis_coefficients"]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -238,9 +237,8 @@ def _singlestep(g: _Grid, order: int, lower_order_final: bool = True) -> _Run:
 
 
 def dpmpp_2m_coefficients(s_next: Any, s: Any, h: Any, h_prev: Any) -> tuple[Any, Any, Any]:
-    """``(ρ, a, b)`` of a second-order DPM-Solver++(2M) step, ``x̃ ← ρ x̃ + a x̂₀_i + b x̂₀_{i-1}``, from σ_{i+1}, σ_i,
-    h = λ_{i+1} - λ_i and h_prev = λ_i - λ_{i-1} (arithmetic only, so tensors or numpy arrays alike; shared by
-    :func:`_dpmpp_2m` and the optimizer's fast path). ``ρ + a + b = 1``."""
+    """``(ρ, a, b)`` of a DPM-Solver++(2M) step ``x̃ ← ρ x̃ + a x̂₀_i + b x̂₀_{i-1}`` (ρ + a + b = 1) from σ_{i+1}, σ_i,
+    h = λ_{i+1} - λ_i, h_prev = λ_i - λ_{i-1}."""
     rho = s_next / s
     half_q = 0.5 * h / h_prev
     return rho, (1 - rho) * (1 + half_q), -(1 - rho) * half_q
@@ -273,11 +271,9 @@ def _dpmpp_2m(g: _Grid, lower_order_final: bool = True) -> _Run:
 
 
 def deis_coefficients(s_next: Any, log_next: Any, nodes: list[Any], s_node: Any) -> list[Any]:
-    """``c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(log ρ) dρ``, ℓ_j the Lagrange basis over the nodes ``log σ_i, ..., log σ_{i-o+1}``
-    (``nodes``, newest first, o = 2 or 3; ``s_node`` = σ_i): the tAB-DEIS coefficients of one step (arithmetic only,
-    so tensors or numpy arrays alike, broadcast; shared by :func:`_deis` and the optimizer's fast path)."""
-    ends = ((s_next, log_next), (s_node, nodes[0]))
-    coefs = []
+    """tAB-DEIS ``c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(log ρ) dρ``, ℓ_j the Lagrange basis over ``nodes`` log σ_i, ...,
+    log σ_{i-o+1} (newest first, o = 2 or 3); ``s_node`` = σ_i."""
+    ends, coefs = ((s_next, log_next), (s_node, nodes[0])), []
     for j in range(len(nodes)):
         c = [u for k, u in enumerate(nodes) if k != j]
         if len(nodes) == 2:  # ∫ (v - c) dρ = ρ (v - c - 1),  v = log ρ
@@ -290,29 +286,21 @@ def deis_coefficients(s_next: Any, log_next: Any, nodes: list[Any], s_node: Any)
     return coefs
 
 
-def _deis_coefs(g: _Grid, steps: list[int], o: int) -> dict[int, tuple[Tensor, ...]]:
-    """:func:`deis_coefficients` of many steps ``i`` of order ``o`` at once."""
-    i = g.index(steps)
-    coefs = deis_coefficients(g.s[i + 1], -g.lam[i + 1], [-g.lam[i - j] for j in range(o)], g.s[i])
-    return dict(zip(steps, zip(*(c.unbind(0) for c in coefs), strict=True), strict=True))
-
-
 def _deis(g: _Grid, order: int = 3, lower_order_final: bool = True) -> _Run:
     """tAB-DEIS (arXiv 2204.13902) in ρ = σ: x̃ ← x̃ + Σ_j c_j ε̂_{i-j}, c_j = ∫ ℓ_j(log ρ) dρ over [σ_i, σ_{i+1}]."""
     orders = _multistep_orders(g.n, order, g.final_zero, lower_order_final)
     coef: dict[int, tuple[Tensor, ...]] = {}
     for o in (2, 3):
         steps = [i for i, oi in enumerate(orders) if oi == o]
-        if steps:
-            coef.update(_deis_coefs(g, steps, o))
+        if steps:  # all steps of order o at once
+            i = g.index(steps)
+            cs = deis_coefficients(g.s[i + 1], -g.lam[i + 1], [-g.lam[i - j] for j in range(o)], g.s[i])
+            coef.update(zip(steps, zip(*(c.unbind(0) for c in cs), strict=True), strict=True))
     xt = yield None
     hist: list[Tensor] = []
     for i, o in enumerate(orders):
         hist = [(yield from _at(xt, g, i)), *hist[:2]]
-        if o == 1:
-            xt = xt + g.ds[i] * hist[0]
-        else:
-            xt = xt + sum(c * e for c, e in zip(coef[i], hist[:o], strict=True))
+        xt = xt + (g.ds[i] * hist[0] if o == 1 else sum(c * e for c, e in zip(coef[i], hist[:o], strict=True)))
     return xt
 
 

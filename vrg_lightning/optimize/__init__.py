@@ -1,8 +1,9 @@
 """The VRG optimizer: settings and the trajectory grid (:mod:`.settings`), variables and trust region
 (:mod:`.variables`), the loss in the variables (:mod:`.problem`), dynamic programming along the chain of steps
 (:mod:`.chain`), the search (:mod:`.search`), the solver-aware loss as an exact chain of groups (:mod:`.groups`) or
-windows (:mod:`.windows`) where it is one, else the solver-aware trust-region loop (:mod:`.surrogate`), grid
-entries for checkpoints (:mod:`.entries`) and the discretisation-aware objective (:mod:`.discretization`)."""
+windows (:mod:`.windows`) where it is one, else the solver-aware trust-region loop (:mod:`.surrogate`) on its closed
+form (:mod:`.multistep`), grid entries for checkpoints (:mod:`.entries`) and the discretisation-aware objective
+(:mod:`.discretization`)."""
 
 from .discretization import DiscResult, optimize_disc
 from .entries import (

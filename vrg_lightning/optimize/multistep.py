@@ -93,13 +93,13 @@ def multistep_weights(solver: str, ab: np.ndarray) -> np.ndarray:
         True
     """
     b, c = _coefficients(solver, ab[..., ::-1])
-    return _propagate(b, c)[1][..., ::-1]
+    return np.ascontiguousarray(_propagate(b, c)[1][..., ::-1])
 
 
 def multistep_terms(solver: str, ab: np.ndarray, mse: NumpyMSEFn, grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """``Σ_k w_k² MSE(ᾱ_k)`` of each row of ``ab [K, N]`` (cleanest first) and optionally its gradient in ᾱ
     (``mse``: numpy ``(MSE, dMSE/dᾱ)``)."""
-    x = ab[..., ::-1]  # noisiest first
+    x = np.ascontiguousarray(ab[..., ::-1])  # noisiest first (contiguous: a torch MSE takes it too)
     m, dm = mse(x)
     if not grad:
         b, c = _coefficients(solver, x)
@@ -135,7 +135,7 @@ def multistep_terms(solver: str, ab: np.ndarray, mse: NumpyMSEFn, grad: bool) ->
         if bbar is not None:
             part = part + bbar[:, i] * bc[r, :, i].T.imag
         g[:, i + d] += part / COMPLEX_STEP
-    return (w * w * m).sum(-1), g[:, ::-1]
+    return (w * w * m).sum(-1), np.ascontiguousarray(g[:, ::-1])
 
 
 class MultistepProblem(SearchProblem):

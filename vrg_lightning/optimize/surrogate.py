@@ -3,7 +3,8 @@
 
 The exact objective is ``cpe_solver(ᾱ) + penalty`` (:func:`~vrg_lightning.variance.cpe_solver`: one run of the
 solver code on a one-hot basis gives the weights of all model evaluations, ``Σ_e w_e² MSE(ℓ_e)``), evaluated with its
-gradient by autograd (:class:`SolverObjective`). Every weight depends on several steps, smoothly; the MSE carries the
+gradient in closed form for ``dpmpp_2m`` and ``deis`` (:mod:`.multistep`, the same numbers), else by autograd
+(:class:`SolverObjective`). Every weight depends on several steps, smoothly; the MSE carries the
 kinks. Each iteration minimises, inside the trust box and a radius around the current point ``c``, one of two models
 that have the exact value and gradient at ``c`` (a linear part ``g_lin·(y - c)`` makes the gradients agree):
 
