@@ -1,7 +1,8 @@
 """Time one ``cpe_solver`` evaluation plus its backward pass (what the solver-aware search pays per exact
 evaluation, :class:`vrg_lightning.optimize.surrogate.SolverObjective`) against the paper cpe: the torch formula with
 autograd, and its numpy twin with the analytic gradient (``paper (numpy)``: what the paper objective's search pays
-per evaluation).
+per evaluation), and the closed form with its gradient of ``dpmpp_2m`` and ``deis`` (``optimize.multistep``: what
+their solver-aware search pays).
 
 Usage: ``python benchmarks/bench_cpe_solver.py [--steps 10 50 100] [--device cpu] [--threads 1]``
 Prints a markdown table of milliseconds per call (best of several repeats, time_quadratic base, linear schedule).
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from vrg_lightning import NoiseSchedule, make_trajectory
+from vrg_lightning.optimize.multistep import MULTISTEP, multistep_terms
 from vrg_lightning.solvers import SOLVERS
 from vrg_lightning.variance import cpe_paper, cpe_paper_numpy, cpe_solver
 
@@ -47,9 +49,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    closed = [f"{s} (closed form)" for s in MULTISTEP]
     names = ["paper (numpy)", "paper", *SOLVERS]
-    print("| N | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
+    print("| N | " + " | ".join(names + closed) + " |")
+    print("|---|" + "---|" * len(names + closed))
     for n in args.steps:
         base = make_trajectory(NoiseSchedule(), "time_quadratic", n).to(args.device)
         rows = base.cpu().numpy()[None]
@@ -62,6 +65,8 @@ def main() -> None:
                 value.backward()
 
             row.append(f"{time_call(step):.2f}")
+        for solver in MULTISTEP:
+            row.append(f"{time_call(lambda s=solver, r=rows: multistep_terms(s, r, mse_np, True)):.3f}")
         print(f"| {n} | " + " | ".join(row) + " |")
 
 

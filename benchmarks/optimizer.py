@@ -128,7 +128,7 @@ def references(ab: torch.Tensor, mse, s: OptimizeSettings, iters: int, grid: int
     paper loss, so it is reported for the paper objective only) and, if given, from ``extra_start``."""
     prob = SearchProblem(ab, mse, s)
     solver = s.objective == "solver" and s.solver not in DDIM_LIKE
-    fun: Fun = SolverObjective(prob).at if solver else prob.value_and_grad
+    fun: Fun = SolverObjective(prob, closed_form=False).at if solver else prob.value_and_grad  # (independent)
     out = {"pgd_base": projected_subgradient(prob, fun, prob.y0.copy(), iters)}
     rng = np.random.default_rng(0)
     out["pgd_random3"] = min(projected_subgradient(prob, fun, prob.lo + (prob.hi - prob.lo) * rng.random(prob.n),
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and iterations, solver table at 10, 25 steps")
     ap.add_argument("--solver-steps", default=None, help="step counts of the solver-aware timing table, comma "
                     "separated (default 10,25,50,100; 10,25 with --quick)")
+    ap.add_argument("--solver-bases", default="time_quadratic", help="bases of the solver-aware timing table, comma "
+                    "separated (default time_quadratic; e.g. time_uniform,time_quadratic,logSNR)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the benchmark log alone")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -264,19 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     # solver-aware objective: time as a multiple of the paper objective's, every solver
     solver_steps = tuple(int(v) for v in args.solver_steps.split(",")) if args.solver_steps else (
         (10, 25) if args.quick else (10, 25, 50, 100))
-    emit("\n#### Solver-aware objective: optimizer time / paper objective's time at the same N (time_quadratic "
-         "files; DDIM-like solvers optimise the paper formula itself)\n")
-    emit("| N | paper ms | " + " | ".join(AWARE) + " |")
-    emit("|---|---|" + "---|" * len(AWARE))
-    for n in solver_steps:
-        ab = load_trajectory(reference_file(args.reference, "time_quadratic", n))
-        _, pwall, _ = timed(ab, mse, paper, repeats)
-        cells = []
-        for solver in AWARE:
-            _, wall, _ = timed(ab, mse, OptimizeSettings(mse_mode="paper", objective="solver", solver=solver),
-                               min(repeats, 3))
-            cells.append(f"{wall / pwall:.1f}x")
-        emit(f"| {n} | {1e3 * pwall:.1f} | " + " | ".join(cells) + " |", show=True)
+    solver_bases = args.solver_bases.split(",")
+    emit("\n#### Solver-aware objective: optimizer time / paper objective's time at the same N "
+         f"({', '.join(solver_bases)} files; DDIM-like solvers optimise the paper formula itself)\n")
+    emit("| base | N | paper ms | " + " | ".join(AWARE) + " |")
+    emit("|---|---|---|" + "---|" * len(AWARE))
+    for base_name in solver_bases:
+        for n in solver_steps:
+            ab = load_trajectory(reference_file(args.reference, base_name, n))
+            _, pwall, _ = timed(ab, mse, paper, repeats)
+            cells = []
+            for solver in AWARE:
+                _, wall, _ = timed(ab, mse, OptimizeSettings(mse_mode="paper", objective="solver", solver=solver),
+                                   min(repeats, 3))
+                cells.append(f"{wall / pwall:.1f}x")
+            emit(f"| {base_name} | {n} | {1e3 * pwall:.1f} | " + " | ".join(cells) + " |", show=True)
 
     # solver-aware optimality: slow searches on the exact cpe_solver, every solver
     emit(f"\n#### Solver-aware objective, 10-step time_quadratic file: the optimizer against slow searches on the "

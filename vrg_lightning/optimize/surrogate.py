@@ -65,9 +65,10 @@ class SolverObjective:
         (1.266667, 1.266667, True)
     """
 
-    def __init__(self, prob: SearchProblem) -> None:
+    def __init__(self, prob: SearchProblem, closed_form: bool = True) -> None:
         self.prob, self.solver, self.calls = prob, prob.s.solver, 0
-        self.fast = MultistepProblem(prob) if self.solver in MULTISTEP else None  # closed form (tested equal)
+        # the closed form where there is one (the same numbers; ``closed_form=False``: the solver code by autograd)
+        self.fast = MultistepProblem(prob) if closed_form and self.solver in MULTISTEP else None
         self._seen: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
     def _trajectory(self, y: torch.Tensor) -> torch.Tensor:
