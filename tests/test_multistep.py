@@ -74,7 +74,7 @@ def test_solver_objective_takes_the_closed_form_and_agrees_with_its_torch_path(s
     assert np.allclose(fast._weights(y)[0], slow._weights(y)[0], rtol=1e-12, atol=0)
     m_fast, m_slow = fast.model(y, g), slow.model(y, g_ref)
     # (both by differences of 1e-8 in log ᾱ: their rounding, about 1e-15 / 1e-8 of the weights, is what differs)
-    assert np.abs(m_fast.jac - m_slow.jac).max() <= 1e-5 * np.abs(m_slow.jac).max()
+    assert np.abs(m_fast.jacobian() - m_slow.jacobian()).max() <= 1e-5 * np.abs(m_slow.jacobian()).max()
     z = y + 0.1 * (prob.hi - prob.lo)
     assert m_fast.loss(z) == pytest.approx(m_slow.loss(z), rel=1e-6)
     bad = y.copy()

@@ -25,7 +25,6 @@ from vrg_lightning.optimize import (
     trust_bounds,
 )
 from vrg_lightning.optimize.chain import grid_pass
-from vrg_lightning.optimize.problem import paper_quad
 from vrg_lightning.profile import ErrorProfile, load_profile
 from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
 from vrg_lightning.trajectories import make_trajectory
@@ -186,15 +185,13 @@ def test_fit_mode_and_profile_helper(profile: ErrorProfile) -> None:
 
 
 def torch_chain_loss(prob: SearchProblem, y: torch.Tensor, mse_fn) -> torch.Tensor:
-    """The chain loss written independently in torch: Q_i(s_{i-1}, s_i) MSE + separable part + penalty."""
+    """The chain loss written independently in torch: r_i (s_i - s_{i-1})² MSE + separable part + penalty."""
     ab = prob.vars.alpha_bar(y)
     s = torch.sqrt((1 - ab) / ab)
     sp = torch.cat([s.new_zeros(1), s[:-1]])
-    if prob.quad is None:
-        q = (s - sp) ** 2
-    else:
-        a, b, c, d, e, f = (torch.as_tensor(r) for r in prob.quad)
-        q = a + 2 * b * sp + 2 * c * s + d * sp**2 + 2 * e * sp * s + f * s**2
+    q = (s - sp) ** 2
+    if prob.term_weights is not None:
+        q = q * torch.as_tensor(prob.term_weights)
     loss = (q * mse_fn(ab)).sum() + prob.penalty * (ab[-1] - prob.end) ** 2
     if prob.lin is not None:
         loss = loss + (torch.as_tensor(prob.lin) * y).sum()
@@ -205,19 +202,19 @@ def torch_chain_loss(prob: SearchProblem, y: torch.Tensor, mse_fn) -> torch.Tens
 
 @pytest.mark.parametrize("mode", ["paper", "fit"])
 @pytest.mark.parametrize("trust", ["alpha", "logsnr"])
-@pytest.mark.parametrize("terms", ["paper", "general"])
+@pytest.mark.parametrize("terms", ["paper", "weighted"])
 def test_search_loss_equals_torch_reference(profile: ErrorProfile, mode: str, trust: str, terms: str) -> None:
     """The search's numpy loss and analytic gradient are the torch formula (autograd): the paper cpe plus the start
-    penalty, and with general terms and separable parts; a torch-only MSE (through numpy_mse) gives the same."""
+    penalty, and with weighted terms and separable parts; a torch-only MSE (through numpy_mse) gives the same."""
     mse_fn = profile.mse_function(mode)
     ab = make_trajectory(SCHED, "logSNR", 9)
     s = OptimizeSettings(mse_mode=mode, trust=trust)
     fast, plain = SearchProblem(ab, mse_fn, s), SearchProblem(ab, lambda a: mse_fn(a), s)  # plain: no numpy form
     g = np.random.default_rng(0)
-    if terms == "general":
-        quad, lin = paper_quad(fast.n, 1 + g.random(fast.n)) + 0.1 * g.random((6, fast.n)), g.standard_normal(fast.n)
+    if terms == "weighted":
+        weights, lin = 0.2 + g.random(fast.n), g.standard_normal(fast.n)
         for p in (fast, plain):
-            p.quad, p.lin, p.mu, p.center = quad, lin, 0.3, p.y0 + 0.01
+            p.term_weights, p.lin, p.mu, p.center = weights, lin, 0.3, p.y0 + 0.01
     ys = fast.lo + (fast.hi - fast.lo) * g.random((5, fast.n))
     for y in ys:
         yt = torch.tensor(y, requires_grad=True)
@@ -233,8 +230,8 @@ def test_search_loss_equals_torch_reference(profile: ErrorProfile, mode: str, tr
         np.testing.assert_allclose(fast.losses(ys), want.numpy(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("trust,pin,terms", [("alpha", False, "paper"), ("alpha", True, "general"),
-                                             ("logsnr", False, "general"), ("logsnr", True, "paper")])
+@pytest.mark.parametrize("trust,pin,terms", [("alpha", False, "paper"), ("alpha", True, "weighted"),
+                                             ("logsnr", False, "weighted"), ("logsnr", True, "paper")])
 def test_grid_pass_is_the_minimum_over_its_grid(mse_paper, trust: str, pin: bool, terms: str) -> None:
     """One pass of the grid refinement returns the best allowed point of the product grid z_i + h·(-k..k):
     exhaustive enumeration of the 5^4 combinations (the dynamic programme is exact on its grid)."""
@@ -244,8 +241,8 @@ def test_grid_pass_is_the_minimum_over_its_grid(mse_paper, trust: str, pin: bool
     s = OptimizeSettings(lp=0.05, mse_mode="paper", trust=trust, pin_start=pin)
     prob = SearchProblem(ab, mse_paper, s)
     g = np.random.default_rng(3)
-    if terms == "general":
-        prob.quad = paper_quad(prob.n, 1 + g.random(prob.n))
+    if terms == "weighted":
+        prob.term_weights = 1 + g.random(prob.n)
         prob.lin = 0.01 * g.standard_normal(prob.n)
     y = prob.y0 + 0.3 * (prob.hi - prob.lo) * (g.random(prob.n) - 0.5)
     y = prob.feasible(np.clip(y, prob.lo, prob.hi))

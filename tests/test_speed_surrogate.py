@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import profile_mse
+from scipy import sparse
 
 from vrg_lightning.optimize import OptimizeSettings, SearchProblem
-from vrg_lightning.optimize.surrogate import COLORS, SolverObjective
-from vrg_lightning.profile import ErrorProfile
-from vrg_lightning.schedule import NoiseSchedule, alpha_bar_to_lambda
+from vrg_lightning.optimize.surrogate import COLORS, SPARSE_FROM, SolverObjective, WeightModel
+from vrg_lightning.schedule import NoiseSchedule
 from vrg_lightning.solvers import SOLVERS
 from vrg_lightning.trajectories import make_trajectory
 from vrg_lightning.variance import DDIM_LIKE, cpe_solver, propagation
@@ -22,15 +23,9 @@ SCHED = NoiseSchedule()
 AWARE = [s for s in SOLVERS if s not in DDIM_LIKE]
 
 
-def mse_fn(mode: str):
-    ab = SCHED.alphas_cumprod[::10]
-    return ErrorProfile.from_table(ab, 0.6 * torch.sigmoid((alpha_bar_to_lambda(ab) - 2) / 1.2) + 1e-3).mse_function(
-        mode)
-
-
 def problem(solver: str, n: int, trust: str, mode: str = "paper", pin: bool = False) -> SearchProblem:
     s = OptimizeSettings(lp=0.05, mse_mode=mode, objective="solver", solver=solver, trust=trust, pin_start=pin)
-    return SearchProblem(make_trajectory(SCHED, "logSNR", n), mse_fn(mode), s)
+    return SearchProblem(make_trajectory(SCHED, "logSNR", n), profile_mse(mode), s)
 
 
 def moved(prob: SearchProblem) -> np.ndarray:
@@ -87,7 +82,7 @@ def test_pinned_start_has_no_jacobian_column_for_the_noisiest_step() -> None:
     y = prob.feasible(moved(prob))
     f, g = exact.at(y)
     model = exact.model(y, g)
-    assert not model.jac[:, -1].any() and np.abs(model.jac[:, :-1]).max() > 0
+    assert not model.jacobian()[:, -1].any() and np.abs(model.jacobian()[:, :-1]).max() > 0
 
 
 @pytest.mark.parametrize("n", [6, 3 * COLORS + 4])
@@ -105,5 +100,27 @@ def test_weight_model_jacobian_is_autograd_in_the_variables_that_can_move(n: int
         lambda yt: propagation("deis", prob.vars.alpha_bar(yt)).weights, torch.tensor(y)).numpy()
     free = np.ones(n, dtype=bool)
     free[1] = False
-    assert not model.jac[:, 1].any()
-    assert np.abs(model.jac[:, free] - ref[:, free]).max() <= 1e-3 * np.abs(ref).max()
+    jac = model.jacobian()
+    assert not jac[:, 1].any()
+    assert np.abs(jac[:, free] - ref[:, free]).max() <= 1e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("solver, trust", [("deis", "alpha"), ("dpmpp_2m", "logsnr"), ("pndm", "alpha")])
+def test_long_trajectories_keep_the_weight_model_sparse_and_equal_to_dense(solver: str, trust: str) -> None:
+    """From :data:`SPARSE_FROM` values the banded Jacobian stays sparse: the model's value and gradient are the
+    dense model's (pndm: midpoint levels off the trajectory too) and exact at the centre."""
+    prob = problem(solver, SPARSE_FROM + 4, trust)
+    y = moved(prob)
+    exact = SolverObjective(prob)
+    f, g = exact.at(y)
+    model = exact.model(y, g)
+    assert sparse.issparse(model.jac) and model.in_log
+    dense = WeightModel(prob, model.w, model.jac.toarray(), model.center, model.step, model.on, model.levels,
+                        model.jac_levels.toarray(), model.free, True)
+    dense.lin = model.lin
+    fm, gm = model.value_and_grad(y)
+    assert fm == pytest.approx(f, rel=1e-9) and np.allclose(gm, g, rtol=1e-7, atol=1e-9 * np.abs(g).max())
+    z = y + 0.05 * (prob.hi - prob.y0) * np.cos(np.arange(prob.n))
+    (fs, gs), (fd, gd) = model.value_and_grad(z), dense.value_and_grad(z)
+    assert fs == pytest.approx(fd, rel=1e-12) and np.allclose(gs, gd, rtol=1e-10, atol=1e-12 * np.abs(gd).max())
+    assert fs != pytest.approx(fm, rel=1e-6)  # (the point moved the model)

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .problem import RESOLUTION, SearchProblem, pair_terms
+from .problem import RESOLUTION, SearchProblem
 
 __all__ = ["OFFSETS", "SHRINK", "RESOLUTION", "MAX_PASSES", "refine", "grid_pass", "moved", "global_start"]
 
@@ -77,12 +77,10 @@ def grid_pass(prob: SearchProblem, y: np.ndarray, h: float, lo: np.ndarray | Non
         zz, ab, ok = _nodes(prob, y, off, lo, hi)
         s = np.sqrt((1 - ab) / ab)
         m = prob.np_mse(ab)[0]
-        if prob.quad is None:  # [step, previous position, position]
-            cost = (s[1:, None, :] - s[:-1, :, None]) ** 2 * m[1:, None, :]
-            value = s[0] ** 2 * m[0]
-        else:
-            cost = pair_terms(prob.quad, (slice(1, None), None, None), s[:-1, :, None], s[1:, None, :]) * m[1:, None]
-            value = pair_terms(prob.quad, 0, 0.0, s[0]) * m[0]
+        if prob.term_weights is not None:
+            m = m * prob.term_weights[:, None]
+        cost = (s[1:, None, :] - s[:-1, :, None]) ** 2 * m[1:, None, :]  # [step, previous position, position]
+        value = s[0] ** 2 * m[0]
         allowed, ok0 = _transitions(prob, y, h, ks, ok, lo, hi)
         sep = prob.lin is not None or prob.mu
         if prob.alpha:  # the variables are the links log(ᾱ_i / ᾱ_{i-1})

@@ -1,13 +1,12 @@
 """One optimisation problem in the optimizer's variables (:mod:`.variables`): the *chain* loss
 
-    loss(y) = Σ_i Q_i(s_{i-1}, s_i) MSE(ᾱ_i)  +  Σ_i (l_i y_i + μ/2 (y_i - c_i)²)  +  λ_reg (ᾱ_{N-1} - ᾱ_{N-1}^o)²
+    loss(y) = Σ_i r_i (s_i - s_{i-1})² MSE(ᾱ_i)  +  Σ_i (l_i y_i + μ/2 (y_i - c_i)²)  +  λ_reg (ᾱ_{N-1} - ᾱ_{N-1}^o)²
 
-(trajectory cleanest first, s = √((1-ᾱ)/ᾱ), s_{-1} = 0). By default ``Q_i = (s_i - s_{i-1})²`` and there is no
-separable part: the paper loss, :func:`~vrg_lightning.variance.cpe_paper_numpy` plus the start penalty. The
-solver-aware search (:mod:`.surrogate`) sets, for its models, general quadratic forms
-``Q_i = A + 2B s_{i-1} + 2C s_i + D s_{i-1}² + 2E s_{i-1} s_i + F s_i²`` (:attr:`SearchProblem.quad`, rows
-``A..F``), a linear part ``l`` and a proximal part ``μ, c``. Every term depends on two consecutive steps only, so the
-grid searches of :mod:`.chain` solve it exactly on a grid.
+(trajectory cleanest first, s = √((1-ᾱ)/ᾱ), s_{-1} = 0). By default ``r_i = 1`` and there is no separable part: the
+paper loss, :func:`~vrg_lightning.variance.cpe_paper_numpy` plus the start penalty. The solver-aware search
+(:mod:`.surrogate`) sets, for its chain models, a weight per term ``r`` (:attr:`SearchProblem.term_weights`), a
+linear part ``l`` and a proximal part ``μ, c``. Every term depends on two consecutive steps only, so the grid searches
+of :mod:`.chain` solve it exactly on a grid.
 
 The MSE is used in numpy (``value_and_grad`` of the interpolants of :mod:`vrg_lightning.interpolants`, or any torch
 MSE callable through :func:`numpy_mse`).
@@ -27,7 +26,7 @@ from ..variance import MSEFn, NumpyMSEFn, cpe_paper_numpy
 from .settings import OptimizeSettings
 from .variables import Variables
 
-__all__ = ["Deadline", "SearchProblem", "numpy_mse", "paper_quad"]
+__all__ = ["Deadline", "SearchProblem", "numpy_mse"]
 
 RESOLUTION = 1e-11  # the grid refinement's last scale, relative to max(1, max |z|) (SearchProblem.resolution)
 
@@ -54,25 +53,6 @@ def numpy_mse(mse_fn: MSEFn) -> NumpyMSEFn:
         return v.detach().to(torch.float64).numpy(), grad
 
     return via_torch
-
-
-def paper_quad(n: int, weights: np.ndarray | float = 1.0) -> np.ndarray:
-    """The rows ``A..F`` ``[6, n]`` of ``w_i (s_i - s_{i-1})²``, the paper's terms (weighted).
-
-    Example:
-        >>> paper_quad(2)[:, 0].tolist()
-        [0.0, 0.0, 0.0, 1.0, -1.0, 1.0]
-    """
-    q = np.zeros((6, n))
-    q[3] = q[5] = weights
-    q[4] = -q[3]
-    return q
-
-
-def pair_terms(quad: np.ndarray, idx: Any, s_prev: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``Q_i(s_prev, s)`` with the coefficient rows of ``quad`` taken at ``idx`` (broadcast against the values)."""
-    a, b, c, d, e, f = (row[idx] for row in quad)
-    return a + 2 * b * s_prev + 2 * c * s + d * s_prev * s_prev + 2 * e * s_prev * s + f * s * s
 
 
 class Deadline:
@@ -105,7 +85,7 @@ class SearchProblem:
 
     Attributes:
         vars: the :class:`~.variables.Variables`; ``alpha``, ``lo``, ``hi``, ``y0`` are its.
-        quad: ``[6, N]`` coefficients of general terms, or ``None`` for the paper's.
+        term_weights: ``[N]`` a weight per paper term, or ``None`` (all 1).
         lin, mu, center: the separable part (``None``/0 when absent).
         evals: loss evaluations so far (rows).
         deadline: the :class:`Deadline` of the searches (shared with the models built from the problem).
@@ -121,7 +101,7 @@ class SearchProblem:
         self.penalty = 0.0 if self.pinned else settings.reg_lambda
         self.end = float(base_alpha_bar[-1])
         self.np_mse: NumpyMSEFn = numpy_mse(mse_fn)
-        self.quad: np.ndarray | None = None
+        self.term_weights: np.ndarray | None = None
         self.lin: np.ndarray | None = None
         self.mu, self.center = 0.0, None
         self.evals = 0
@@ -144,29 +124,13 @@ class SearchProblem:
     def _terms(self, ab: np.ndarray, grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """The terms' sum of trajectories ``[K, N]`` and optionally its gradient in ᾱ (penalty and separable part
         excluded)."""
-        return cpe_paper_numpy(ab, self.np_mse, grad=grad) if self.quad is None else self._chain(ab, grad)
+        return cpe_paper_numpy(ab, self.np_mse, grad=grad, weights=self.term_weights)
 
     def grid_pass(self, y: np.ndarray, h: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
         """One pass of the grid refinement (:func:`~.chain.grid_pass`; a problem with other terms has its own)."""
         from .chain import grid_pass
 
         return grid_pass(self, y, h, lo, hi)
-
-    def _chain(self, ab: np.ndarray, grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """``Σ_i Q_i m_i`` of trajectories ``[K, N]`` and its gradient in ᾱ (general ``quad``)."""
-        s = np.sqrt((1 - ab) / ab)
-        sp = np.zeros_like(s)
-        sp[:, 1:] = s[:, :-1]
-        m, dm = self.np_mse(ab)
-        q = pair_terms(self.quad, slice(None), sp, s)
-        f = (q * m).sum(-1)
-        if not grad:
-            return f, None
-        a, b, c, d, e, ff = self.quad
-        dq_ds, dq_dsp = 2 * (c + e * sp + ff * s), 2 * (b + d * sp + e * s)
-        g_s = dq_ds * m
-        g_s[:, :-1] += (dq_dsp * m)[:, 1:]
-        return f, g_s * (-0.5 / (s * ab * ab)) + q * dm
 
     def rows(self, ys: np.ndarray, grad: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Loss of each row of ``ys`` ``[K, N]`` and optionally its gradient in ``y`` (no finiteness check)."""

@@ -30,14 +30,16 @@ why those solvers never come here.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from ..variance import propagation
 from .chain import OFFSETS, refine
 from .multistep import MULTISTEP, MultistepProblem, multistep_weights
-from .problem import SearchProblem, paper_quad
+from .problem import SearchProblem
 
 __all__ = ["ALIGNED", "SCOUT_ITERS", "SolverObjective", "WeightModel", "solver_search", "descend"]
 
@@ -46,6 +48,7 @@ SCOUT_ITERS = 3  # accepted steps (at most twice as many iterations) that scout 
 COLORS = 10  # trajectory values perturbed together in a weight model's finite differences (solver runs per model)
 BAND_BEFORE, BAND_AFTER = 4, 2  # an evaluation's weight depends on these many cleaner / noisier steps (tested)
 FD_STEP, BAND_STEP = 1e-7, 1e-8  # finite-difference steps: of one variable (x its box width), of log ᾱ (banded)
+SPARSE_FROM = 256  # trajectories of this many values keep a weight model's banded Jacobian sparse
 NULL, NEAR = 1e-9, 1e-2  # a weight-model step below NULL x the box counts as none; it is not built again within
 # NEAR x the box of where it found none
 MODEL_FTOL, MODEL_RESOLUTION = 1e-10, 1e-10  # how precisely a model is minimised (it is only a model)
@@ -158,20 +161,19 @@ class SolverObjective:
         np.add.at(r, step[on], w[on] ** 2)
         s = np.sqrt((1 - ab) / ab)
         model = SearchProblem(p.ab0, p.mse_fn, p.s, p.deadline)
-        model.quad = paper_quad(p.n, r / np.diff(s, prepend=0.0) ** 2)
+        model.term_weights = r / np.diff(s, prepend=0.0) ** 2
         model.lin, model.center = None, y.copy()
         model.lin = g - model.value_and_grad(y)[1]
         return model
 
-    def jacobians(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(w, levels, dw/dy, dlevels/dy)`` at ``y``: the weights and levels of every evaluation and their
-        Jacobians in the variables, by finite differences in log ᾱ. An evaluation depends on the trajectory values
-        from :data:`BAND_BEFORE` steps cleaner to :data:`BAND_AFTER` noisier than its own step only (exactly for all
+    def banded(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(w, levels, dw/dlog ᾱ, dlevels/dlog ᾱ)`` at ``y``: the weights and levels of every evaluation and their
+        Jacobians in log ᾱ of the trajectory values, by finite differences. An evaluation depends on the values from
+        :data:`BAND_BEFORE` steps cleaner to :data:`BAND_AFTER` noisier than its own step only (exactly for all
         solvers but ``dpmpp_2m``, whose dependence on cleaner steps decays geometrically), so the values :data:`COLORS`
         steps apart are perturbed together: one batched run of ``min(N, COLORS)`` trajectories gives every column."""
-        p = self.prob
         w, levels = self._weights(y)
-        ab = p.vars.alpha_bar_np(y[None])[0]
+        ab = self.prob.vars.alpha_bar_np(y[None])[0]
         step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)  # the step of each evaluation
         gaps = -np.diff(np.log(ab))
         h = min(BAND_STEP, 0.1 * float(gaps.min())) if gaps.size else BAND_STEP
@@ -191,24 +193,32 @@ class SolverObjective:
             ok = (col >= 0) & (col < ab.size)
             jz[rows[ok], col[ok]] = (prop_w - w)[ok] / -h
             jz_levels[rows[ok], col[ok]] = (prop_l - levels)[ok] / -h
-        if p.alpha:  # log ᾱ = cumsum(y): column k moves every value from k on
-            jac, jac_levels = np.cumsum(jz[:, ::-1], 1)[:, ::-1], np.cumsum(jz_levels[:, ::-1], 1)[:, ::-1]
-        else:  # y = λ: d log ᾱ / dλ = 1 - ᾱ
-            jac, jac_levels = jz * (1 - ab), jz_levels * (1 - ab)
-        return w, levels, jac, jac_levels
+        return w, levels, jz, jz_levels
+
+    def jacobians(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(w, levels, dw/dy, dlevels/dy)``: :meth:`banded` in the variables (dense)."""
+        w, levels, jz, jz_levels = self.banded(y)
+        ab = self.prob.vars.alpha_bar_np(y[None])[0]
+        if self.prob.alpha:  # log ᾱ = cumsum(y): column k moves every value from k on
+            return w, levels, np.cumsum(jz[:, ::-1], 1)[:, ::-1], np.cumsum(jz_levels[:, ::-1], 1)[:, ::-1]
+        return w, levels, jz * (1 - ab), jz_levels * (1 - ab)  # y = λ: d log ᾱ / dλ = 1 - ᾱ
 
     def model(self, y: np.ndarray, g: np.ndarray) -> WeightModel:
         """The model at ``y`` whose gradient there is ``g`` (the exact gradient, from :meth:`at`). The Jacobians of
         the weights and levels are those of the variables that can move (inside the box, or on a bound with the
-        gradient pointing inwards; the other columns zero): differenced one variable at a time when they are at most
-        :data:`COLORS`, else all at once by :meth:`jacobians`."""
+        gradient pointing inwards; the others held): differenced one variable at a time when they are at most
+        :data:`COLORS`, else all at once in log ᾱ by :meth:`banded` (kept banded, sparse past :data:`SPARSE_FROM`
+        values)."""
         p = self.prob
         free = ((y > p.lo) | (g < 0)) & ((y < p.hi) | (g > 0))
         if p.pinned:
             free[-1] = False
         cols = np.flatnonzero(free)
-        if cols.size > COLORS:
-            w, levels, jac, jac_levels = self.jacobians(y)
+        in_log = cols.size > COLORS
+        if in_log:
+            w, levels, jac, jac_levels = self.banded(y)
+            if y.size >= SPARSE_FROM:
+                jac, jac_levels = sparse.csr_matrix(jac), sparse.csr_matrix(jac_levels)
         else:  # as few columns as colours: each differenced alone, in its own variable
             w, levels = self._weights(y)
             jac, jac_levels = np.zeros((w.size, y.size)), np.zeros((w.size, y.size))
@@ -221,33 +231,55 @@ class SolverObjective:
                 batch_w, batch_l = self._run(self._trajectory_np(ys))
                 jac[:, cols] = (batch_w - w).T / steps
                 jac_levels[:, cols] = (batch_l - levels).T / steps
-        jac[:, ~free] = jac_levels[:, ~free] = 0.0
         ab = p.vars.alpha_bar_np(y[None])[0]
         step = np.clip(np.searchsorted(-ab, -levels), 0, ab.size - 1)
-        model = WeightModel(p, w, jac, y.copy(), step, ab[step] == levels, levels, jac_levels)
+        model = WeightModel(p, w, jac, y.copy(), step, ab[step] == levels, levels, jac_levels, free, in_log)
         model.lin = g - model.value_and_grad(y)[1]
         return model
 
 
 class WeightModel(SearchProblem):
     """The model of :mod:`this module <.surrogate>` in the variables of a problem (the same box, start and penalty;
-    ``lin``: its linear part in ``y - center``). Weights are linear in ``y``; an evaluation on the trajectory
-    (``on``) takes the MSE at its step's ᾱ, the others at their level linearised in ``y``."""
+    ``lin``: its linear part in ``y - center``). Weights are linear in the moves of the variables that can move
+    (``free``; the others held): ``w + J·T(y - center)``, with ``T`` the identity or, for a Jacobian in log ᾱ
+    (``in_log``), the move of log ᾱ (a cumulative sum in ``alpha`` trust, ``(1 - ᾱ) dλ`` in ``logsnr``); ``J``
+    dense or sparse. An evaluation on the trajectory (``on``) takes the MSE at its step's ᾱ, the others at their level
+    linearised the same way."""
 
-    def __init__(self, prob: SearchProblem, w: np.ndarray, jac: np.ndarray, center: np.ndarray, step: np.ndarray,
-                 on: np.ndarray, levels: np.ndarray, jac_levels: np.ndarray) -> None:
+    def __init__(self, prob: SearchProblem, w: np.ndarray, jac: Any, center: np.ndarray, step: np.ndarray,
+                 on: np.ndarray, levels: np.ndarray, jac_levels: Any, free: np.ndarray, in_log: bool = False) -> None:
         super().__init__(prob.ab0, prob.mse_fn, prob.s, prob.deadline)  # (its searches stop with the problem's)
         self.w, self.jac, self.center, self.step, self.on = w, jac, center, step, on
-        self.levels, self.jac_levels = levels, jac_levels
-        self.scatter = np.zeros((w.size, self.n))  # evaluation -> its step, for those on the trajectory
-        self.scatter[np.flatnonzero(on), step[on]] = 1.0
+        self.levels, self.jac_levels, self.free, self.in_log = levels, jac_levels, free, in_log
+        self.all_on = bool(on.all())
+        self.dlog = 1 - self.vars.alpha_bar_np(center[None])[0]  # d log ᾱ / dλ at the centre (logsnr)
+
+    def _to(self, dy: np.ndarray) -> np.ndarray:
+        """``T(dy)`` of moves ``[K, N]`` (held variables dropped)."""
+        dy = dy * self.free
+        if not self.in_log:
+            return dy
+        return np.cumsum(dy, -1) if self.alpha else dy * self.dlog
+
+    def _back(self, gv: np.ndarray) -> np.ndarray:
+        """The adjoint of :meth:`_to`: a gradient in ``T``'s coordinates ``[K, N]`` to the variables."""
+        if self.in_log:
+            gv = np.cumsum(gv[:, ::-1], -1)[:, ::-1] if self.alpha else gv * self.dlog
+        return gv * self.free
+
+    def jacobian(self) -> np.ndarray:
+        """The weights' Jacobian in the variables, dense ``[M, N]`` (zero columns for the held ones)."""
+        return np.asarray(self.jac @ self._to(np.eye(self.n)).T)
 
     def rows(self, ys: np.ndarray, grad: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         ab = self.vars.alpha_bar_np(ys)
         self.evals += ys.shape[0]
         dy = ys - self.center
-        w = self.w + dy @ self.jac.T  # [K, M]
-        lev = np.where(self.on, ab[:, self.step], self.levels + dy @ self.jac_levels.T)
+        dv = self._to(dy)
+        w = self.w + (self.jac @ dv.T).T  # [K, M]
+        lev = ab[:, self.step]
+        if not self.all_on:
+            lev = np.where(self.on, lev, self.levels + (self.jac_levels @ dv.T).T)
         m, dm = self.np_mse(lev)
         f = (w * w * m).sum(-1)
         if self.penalty:
@@ -256,10 +288,14 @@ class WeightModel(SearchProblem):
             f = f + dy @ self.lin
         if not grad:
             return f, None
-        g_ab = (w * w * dm) @ self.scatter
+        g_ab = np.zeros_like(ab)
+        np.add.at(g_ab, (slice(None), self.step[self.on]), (w * w * dm)[:, self.on])
         if self.penalty:
             g_ab[:, -1] += 2 * self.penalty * (ab[:, -1] - self.end)
-        gy = self.vars.chain_rule(g_ab, ab) + (2 * w * m) @ self.jac + (w * w * dm * ~self.on) @ self.jac_levels
+        gv = (self.jac.T @ (2 * w * m).T).T
+        if not self.all_on:
+            gv = gv + (self.jac_levels.T @ (w * w * dm * ~self.on).T).T
+        gy = self.vars.chain_rule(g_ab, ab) + self._back(np.asarray(gv))
         return f, gy if self.lin is None else gy + self.lin
 
 
