@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 
 from vrg_lightning.checkpoint import build_vrg_state, model_section
@@ -89,6 +88,8 @@ def profile_mse(mode: str = "paper"):
 
 def assert_loss_and_gradient_are_cpe_solver(prob: Any) -> None:
     """At a random point of the box, the problem's loss and gradient are ``cpe_solver`` + penalty by autograd."""
+    import pytest  # (here, not at the top: the device checks run this file as a script, without pytest)
+
     rng = np.random.default_rng(prob.n)
     y = prob.lo + (prob.hi - prob.lo) * rng.random(prob.n)  # anywhere in the box
     f, g = prob.value_and_grad(y)

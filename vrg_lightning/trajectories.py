@@ -29,7 +29,9 @@ from torch import Tensor
 from .io import atomic_write_text, read_text_file
 from .schedule import NoiseSchedule, _interp, alpha_bar_to_sigma, check_alpha_bar, sigma_to_alpha_bar
 
-__all__ = ["BASES", "make_trajectory", "validate_trajectory", "load_trajectory", "save_trajectory"]
+__all__ = [
+    "BASES", "make_trajectory", "validate_trajectory", "is_trajectory", "load_trajectory", "save_trajectory",
+]
 
 BASES = ("time_uniform", "time_quadratic", "logSNR", "karras", "trailing", "leading", "list")
 
@@ -55,6 +57,13 @@ def validate_trajectory(alpha_bar: Sequence[float] | Tensor, name: str = "trajec
             "Reverse the list if it is stored noisiest first."
         )
     return ab
+
+
+def is_trajectory(alpha_bar: Any) -> bool:
+    """Whether a 1-D tensor or array of ᾱ is strictly decreasing inside (0, 1) (cleanest first), without raising: the
+    searches' test of the points they try (NaN fails it)."""
+    ab = alpha_bar
+    return bool((ab[1:] < ab[:-1]).all() and (ab > 0).all() and (ab < 1).all())
 
 
 def _check_steps(steps: int) -> None:

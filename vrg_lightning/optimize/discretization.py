@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..schedule import alpha_bar_to_lambda, alpha_bar_to_sigma
 from ..solvers import sample as solver_sample
-from ..trajectories import validate_trajectory
+from ..trajectories import is_trajectory, validate_trajectory
 from ..variance import DDIM_LIKE, EpsFn, MSEFn, cpe_paper
 from .settings import OptimizeSettings
 from .variables import Variables
@@ -288,14 +288,11 @@ def optimize_disc(
     def fg(y: np.ndarray) -> tuple[float, np.ndarray]:
         yt = torch.tensor(y, dtype=torch.float64, requires_grad=True)
         ab = to_ab(yt)
-        if not bool(((ab[1:] < ab[:-1]).all() & (ab > 0).all() & (ab < 1).all()).item()):
+        if not is_trajectory(ab):
             return 1e300, np.zeros_like(y)
         loss = parts(ab)[2]
         (grad,) = torch.autograd.grad(loss, yt)
         return float(loss.detach()), grad.numpy()
-
-    def ok(ab: Tensor) -> bool:
-        return bool(((ab[1:] < ab[:-1]).all() & (ab > 0).all() & (ab < 1).all()).item())
 
     best_ab = ab0
     with torch.no_grad():
@@ -308,7 +305,7 @@ def optimize_disc(
         x = np.clip(res.x, lo, hi) if settings.pin_start else var.restore_range(res.x)  # the trained range
         with torch.no_grad():
             ab = to_ab(torch.as_tensor(x, dtype=torch.float64))
-            f = float(parts(ab)[2]) if ok(ab) else math.inf
+            f = float(parts(ab)[2]) if is_trajectory(ab) else math.inf
         if f < best_f:
             best_ab, best_f = ab, f
     with torch.no_grad():

@@ -25,7 +25,7 @@ from .problem import SearchProblem
 __all__ = ["GROUPED", "group_runs", "group_weights", "GroupedProblem", "group_pass"]
 
 GROUPED = {"dpmsolver2": 2, "dpmsolver3": 3}  # solver -> its order
-COMPLEX_STEP = 1e-30  # the imaginary step of the gradient (exact to rounding)
+COMPLEX_STEP = 1e-30  # the imaginary step of the complex-step derivatives (exact to rounding; also .multistep)
 OFFSETS_3 = 2  # the offsets K of a grid pass with groups of 3 steps (each costs (2K + 1)^4 terms)
 
 

@@ -22,12 +22,12 @@ import numpy as np
 
 from ..solvers import _multistep_orders, deis_coefficients, dpmpp_2m_coefficients
 from ..variance import NumpyMSEFn
+from .groups import COMPLEX_STEP
 from .problem import SearchProblem
 
 __all__ = ["MULTISTEP", "MultistepProblem", "multistep_weights", "multistep_terms"]
 
 MULTISTEP = {"dpmpp_2m": 2, "deis": 3}  # solver -> its order (``lower_order_final`` as the solvers' default)
-COMPLEX_STEP = 1e-30  # the imaginary step of the coefficients' derivatives (exact to rounding)
 
 
 def _coefficients(solver: str, ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +144,7 @@ class MultistepProblem(SearchProblem):
 
     def __init__(self, prob: SearchProblem) -> None:
         super().__init__(prob.ab0, prob.mse_fn, prob.s, prob.deadline)
-        self.solver = prob.s.solver
 
     def _terms(self, ab: np.ndarray, grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
         with np.errstate(all="ignore"):
-            return multistep_terms(self.solver, ab, self.np_mse, grad)
+            return multistep_terms(self.s.solver, ab, self.np_mse, grad)

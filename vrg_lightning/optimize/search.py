@@ -39,7 +39,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from ..trajectories import validate_trajectory
+from ..trajectories import is_trajectory, validate_trajectory
 from ..variance import DDIM_LIKE, MSEFn, cpe_paper, cpe_solver
 from .chain import global_start, refine
 from .problem import Deadline, SearchProblem
@@ -244,7 +244,7 @@ def _check_inputs(
 
 def _valid(ab: Tensor, settings: OptimizeSettings, ab0: Tensor) -> bool:
     """Strictly decreasing inside (0, 1), and inside ``alpha_bar_range`` where the base is."""
-    if not bool((ab[1:] < ab[:-1]).all()) or not bool(((ab > 0) & (ab < 1)).all()):
+    if not is_trajectory(ab):
         return False
     rng = settings.alpha_bar_range
     if rng is None:

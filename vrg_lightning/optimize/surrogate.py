@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from ..trajectories import is_trajectory
 from ..variance import propagation
 from .chain import OFFSETS, refine
 from .multistep import MULTISTEP, MultistepProblem, multistep_weights
@@ -99,16 +100,12 @@ class SolverObjective:
             prop = propagation(self.solver, torch.as_tensor(ab))
         return prop.weights.numpy(), prop.alpha_bar.numpy()
 
-    def _fast_valid(self, y: np.ndarray) -> bool:
-        ab = self._trajectory_np(y[None])[0]
-        return bool((ab[1:] < ab[:-1]).all() and (ab > 0).all() and (ab < 1).all())
-
     def _loss(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(loss, trajectory, propagation)`` at ``y`` (``None`` where the trajectory is not valid)."""
         p = self.prob
         self.calls += 1
         ab = self._trajectory(y)
-        if not bool(((ab[1:] < ab[:-1]).all() & (ab > 0).all() & (ab < 1).all()).item()):
+        if not is_trajectory(ab):
             return None
         prop = propagation(self.solver, ab)
         loss = (prop.weights**2 * p.mse_fn(prop.alpha_bar)).sum()
@@ -121,7 +118,8 @@ class SolverObjective:
         """``(loss, d loss/dy)`` at ``y`` (``inf`` where the trajectory is not valid)."""
         if self.fast is not None:
             self.calls += 1
-            return self.fast.value_and_grad(y) if self._fast_valid(y) else (math.inf, np.zeros_like(y))
+            valid = is_trajectory(self._trajectory_np(y[None])[0])
+            return self.fast.value_and_grad(y) if valid else (math.inf, np.zeros_like(y))
         yt = torch.tensor(y, dtype=torch.float64, requires_grad=True)
         with torch.enable_grad():
             out = self._loss(yt)
@@ -135,7 +133,7 @@ class SolverObjective:
         """The loss at ``y`` without its gradient (``inf`` where the trajectory is not valid)."""
         if self.fast is not None:
             self.calls += 1
-            return self.fast.loss(y) if self._fast_valid(y) else math.inf
+            return self.fast.loss(y) if is_trajectory(self._trajectory_np(y[None])[0]) else math.inf
         with torch.no_grad():
             out = self._loss(torch.as_tensor(y, dtype=torch.float64))
         f = math.inf if out is None else float(out[0])
@@ -198,10 +196,8 @@ class SolverObjective:
     def jacobians(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(w, levels, dw/dy, dlevels/dy)``: :meth:`banded` in the variables (dense)."""
         w, levels, jz, jz_levels = self.banded(y)
-        ab = self.prob.vars.alpha_bar_np(y[None])[0]
-        if self.prob.alpha:  # log ᾱ = cumsum(y): column k moves every value from k on
-            return w, levels, np.cumsum(jz[:, ::-1], 1)[:, ::-1], np.cumsum(jz_levels[:, ::-1], 1)[:, ::-1]
-        return w, levels, jz * (1 - ab), jz_levels * (1 - ab)  # y = λ: d log ᾱ / dλ = 1 - ᾱ
+        ab, to_y = self.prob.vars.alpha_bar_np(y[None])[0], self.prob.vars.chain_rule_log
+        return w, levels, to_y(jz, ab), to_y(jz_levels, ab)
 
     def model(self, y: np.ndarray, g: np.ndarray) -> WeightModel:
         """The model at ``y`` whose gradient there is ``g`` (the exact gradient, from :meth:`at`). The Jacobians of
@@ -252,19 +248,17 @@ class WeightModel(SearchProblem):
         self.w, self.jac, self.center, self.step, self.on = w, jac, center, step, on
         self.levels, self.jac_levels, self.free, self.in_log = levels, jac_levels, free, in_log
         self.all_on = bool(on.all())
-        self.dlog = 1 - self.vars.alpha_bar_np(center[None])[0]  # d log ᾱ / dλ at the centre (logsnr)
+        self.ab_center = self.vars.alpha_bar_np(center[None])[0]
 
     def _to(self, dy: np.ndarray) -> np.ndarray:
         """``T(dy)`` of moves ``[K, N]`` (held variables dropped)."""
         dy = dy * self.free
-        if not self.in_log:
-            return dy
-        return np.cumsum(dy, -1) if self.alpha else dy * self.dlog
+        return self.vars.log_alpha_step(dy, self.ab_center) if self.in_log else dy
 
     def _back(self, gv: np.ndarray) -> np.ndarray:
         """The adjoint of :meth:`_to`: a gradient in ``T``'s coordinates ``[K, N]`` to the variables."""
         if self.in_log:
-            gv = np.cumsum(gv[:, ::-1], -1)[:, ::-1] if self.alpha else gv * self.dlog
+            gv = self.vars.chain_rule_log(gv, self.ab_center)
         return gv * self.free
 
     def jacobian(self) -> np.ndarray:

@@ -163,9 +163,19 @@ class Variables:
 
     def chain_rule(self, grad_ab: np.ndarray, ab: np.ndarray) -> np.ndarray:
         """``d/dy`` from ``d/dᾱ`` (rows ``[K, N]``) at ``ab = alpha_bar_np(y)``."""
+        return self.chain_rule_log(grad_ab * ab, ab)
+
+    def chain_rule_log(self, grad_log_ab: np.ndarray, ab: np.ndarray) -> np.ndarray:
+        """``d/dy`` from ``d/dlog ᾱ`` (rows ``[K, N]``) at ``ab``: log ᾱ = cumsum(y) (``alpha``), d log ᾱ / dλ = 1 - ᾱ
+        (``logsnr``)."""
         if self.alpha:
-            return np.cumsum((grad_ab * ab)[:, ::-1], -1)[:, ::-1]
-        return grad_ab * ab * (1 - ab)
+            return np.cumsum(grad_log_ab[:, ::-1], -1)[:, ::-1]
+        return grad_log_ab * (1 - ab)
+
+    def log_alpha_step(self, dy: np.ndarray, ab: np.ndarray) -> np.ndarray:
+        """The move of log ᾱ (rows ``[K, N]``) of a move ``dy`` of the variables at ``ab``, to first order (the
+        transpose of :meth:`chain_rule_log`)."""
+        return np.cumsum(dy, -1) if self.alpha else dy * (1 - ab)
 
     def project_pinned(self, y: np.ndarray, target: float | None = None, lo: np.ndarray | None = None,
                        hi: np.ndarray | None = None) -> np.ndarray:
